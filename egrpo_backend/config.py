@@ -1,0 +1,315 @@
+"""Job spec: one dataclass per concern, every field commented, defaults in one place.
+
+A spec is JSON (a file or a dict). Unknown keys and out-of-range values raise a SpecError that
+names the key and the allowed values. `JobSpec.to_dict()` is saved into job.json, every
+checkpoint and every LoRA's metadata, so a result always says how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SpecError(f"{key} = {value!r} is not allowed; valid values: {', '.join(map(repr, allowed))}")
+
+
+def _range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{key} must be a finite number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise SpecError(f"{key} = {value!r} is out of range; it must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise SpecError(f"{key} = {value!r} is out of range; it must be <= {hi}")
+
+
+@dataclass
+class ModelSpec:
+    source: str = "default"  # "default" (embedded digits model), "diffusers" (local folder), "comfy" (ComfyUI files)
+    path: str = ""  # diffusers: pipeline folder (model_index.json) or transformer folder; comfy: diffusion model file
+    family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
+    dtype: str = "auto"  # model weights/compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA), on, off
+    comfy: dict = field(default_factory=dict)  # comfy source: {"clip": [files], "clip_type": ..., "vae": file, "comfy_root": path}
+
+    def validate(self) -> None:
+        _choice("model.source", self.source, ("default", "diffusers", "comfy"))
+        _choice("model.family", self.family, ("auto", "sd3", "flux", "sana"))
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.source != "default" and not self.path:
+            raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
+
+
+@dataclass
+class AlgorithmSpec:
+    """E-GRPO and the baselines are settings of one engine (algorithms.py has the presets)."""
+
+    preset: str = "egrpo"  # named preset the other fields override (see algorithms.PRESETS)
+    steps: int = 16  # T, sampling steps of the shifted grid
+    shift: float = 3.0  # s in t = s t / (1 + (s - 1) t)
+    sigmas: list = field(default_factory=list)  # explicit grid (T + 1 values ending at 0); overrides steps/shift
+    eta: float = 0.7  # a: SDE noise level
+    diffusion: str = "flow_grpo"  # g(sigma): flow_grpo = a sqrt(sigma / (1 - sigma)); constant = a (DanceGRPO)
+    tau: float = 2.2  # entropy threshold for merging; 0 = no merging (Granular-GRPO)
+    active: Any = "0-7"  # trained steps: "0-7", "0,2,4", "all", "first_half", or a list
+    group_size: int = 8  # G, members per group (same prompt, same branch step)
+    granularities: list = field(default_factory=lambda: [1])  # ODE finish grids: keep every g-th remaining sigma
+    branch: str = "active"  # where groups branch each iteration: active | sample_active | random | sliding | first
+    branches_per_prompt: int = 1  # groups per prompt for sample_active / random
+    branch_weighting: str = "uniform"  # sample_active: uniform or entropy (by merged entropy score)
+    slide_every: int = 1  # sliding (MixGRPO): iterations before the window moves one step
+    sde_window: int = 1  # consecutive (merged) SDE steps per member from the branch step; 0 = to the end
+    train_fraction: float = 1.0  # fraction of each group's SDE transitions trained (DanceGRPO < 1)
+    shared_initial_noise: bool = True  # one initial noise per prompt for all groups and members (E-GRPO)
+    advantage: str = "group"  # group (mean/std within group) | prompt_mean_batch_std (Flow-GRPO)
+    advantage_clip: float = 5.0  # clip |A|
+    reward_mode: str = "weighted_sum"  # weighted_sum | per_reward (normalise each reward, then weighted sum)
+    clip_range: float = 1e-4  # PPO epsilon (paper 1e-4; small LoRAs learn faster with ~0.2, see PROTOTYPE)
+    kl_beta: float = 0.0  # weight of KL(policy || base) per transition; 0 = off (paper)
+    update_mode: str = "averaged"  # averaged (paper: loss averaged over active steps) | per_step (optimizer step per active step)
+    guidance_scale: float = 1.0  # classifier-free guidance in rollouts and updates; 1 = off
+    negative_prompt: str = ""  # unconditional prompt for CFG
+
+    def validate(self) -> None:
+        from .algorithms import PRESETS
+
+        _choice("algorithm.preset", self.preset, tuple(PRESETS))
+        _range("algorithm.steps", self.steps, 2, 1000)
+        _range("algorithm.shift", self.shift, 0, lo_open=True)
+        _range("algorithm.eta", self.eta, 0, lo_open=True)
+        _choice("algorithm.diffusion", self.diffusion, ("flow_grpo", "constant"))
+        _range("algorithm.tau", self.tau, 0)
+        _range("algorithm.group_size", self.group_size, 2, 1024)
+        if not self.granularities or any(not isinstance(g, int) or g < 1 for g in self.granularities):
+            raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {self.granularities!r}")
+        _choice("algorithm.branch", self.branch, ("active", "sample_active", "random", "sliding", "first"))
+        _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
+        _choice("algorithm.branch_weighting", self.branch_weighting, ("uniform", "entropy"))
+        _range("algorithm.slide_every", self.slide_every, 1)
+        _range("algorithm.sde_window", self.sde_window, 0)
+        _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
+        _choice("algorithm.advantage", self.advantage, ("group", "prompt_mean_batch_std"))
+        _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
+        _choice("algorithm.reward_mode", self.reward_mode, ("weighted_sum", "per_reward"))
+        _range("algorithm.clip_range", self.clip_range, 0, lo_open=True)
+        _range("algorithm.kl_beta", self.kl_beta, 0)
+        _choice("algorithm.update_mode", self.update_mode, ("averaged", "per_step"))
+        _range("algorithm.guidance_scale", self.guidance_scale, 0)
+        try:
+            self.plan()
+        except ValueError as e:
+            raise SpecError(f"algorithm: {e}") from None
+
+    def grid(self) -> list[float]:
+        from .schedule import shifted_sigmas
+
+        return [float(s) for s in self.sigmas] if self.sigmas else shifted_sigmas(self.steps, self.shift)
+
+    def plan(self):
+        from .schedule import build_plan
+
+        return build_plan(self.grid(), self.eta, self.tau, self.active, self.diffusion)
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 8  # LoRA rank r
+    alpha: float = 8.0  # scale = alpha / rank
+    target_modules: list = field(default_factory=list)  # module name suffixes; empty = attention projections of the model
+    init_seed: int = 0  # seed of the LoRA A matrices (B starts at 0, so training starts at the base model)
+
+    def validate(self) -> None:
+        _range("lora.rank", self.rank, 1, 1024)
+        _range("lora.alpha", self.alpha, 0, lo_open=True)
+
+
+@dataclass
+class TrainSpec:
+    iterations: int = 100  # outer iterations (rollout -> reward -> advantage -> update)
+    prompts_per_iteration: int = 2  # prompts rolled out per iteration (each gives one group per branch step)
+    lr: float = 3e-4  # AdamW learning rate (LoRA typical 1e-4..3e-4; full fine-tune 2e-6)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 1.0  # max global grad norm
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the last iteration)
+    warmup_iterations: int = 0  # linear warm-up from 0
+    minibatches: int = 1  # optimizer steps per iteration per inner epoch (averaged mode)
+    inner_epochs: int = 1  # passes over each rollout batch
+    micro_batch: int = 16  # (group, step) units per forward with grad; bounds memory, not the math
+    checkpoint_every: int = 5  # iterations between checkpoints (and at the end / on cancel)
+    eval_every: int = 0  # iterations between held-out evaluations; 0 = only at start and end when eval prompts exist
+    sample_every: int = 0  # iterations between sample grids written to samples/; 0 = off
+    seed: int = 0  # rollout noise, prompt order, branch choices
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    diversity_guard: float = 0.0  # stop when held-out within-prompt diversity falls below this fraction of the base's; 0 = off
+
+    def validate(self) -> None:
+        _range("train.iterations", self.iterations, 1)
+        _range("train.prompts_per_iteration", self.prompts_per_iteration, 1)
+        _range("train.lr", self.lr, 0, 1, lo_open=True)
+        _range("train.weight_decay", self.weight_decay, 0)
+        _range("train.grad_clip", self.grad_clip, 0, lo_open=True)
+        _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        _range("train.warmup_iterations", self.warmup_iterations, 0)
+        _range("train.minibatches", self.minibatches, 1)
+        _range("train.inner_epochs", self.inner_epochs, 1)
+        _range("train.micro_batch", self.micro_batch, 1)
+        _range("train.checkpoint_every", self.checkpoint_every, 1)
+        _range("train.eval_every", self.eval_every, 0)
+        _range("train.sample_every", self.sample_every, 0)
+        _range("train.threads", self.threads, 0)
+        _range("train.diversity_guard", self.diversity_guard, 0, 1)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+@dataclass
+class OutputSpec:
+    name: str = "egrpo_lora"  # LoRA file name stem (letters, digits, - _ . only; no folders)
+    formats: list = field(default_factory=lambda: ["peft"])  # exported formats: kohya, peft, comfy (the first is the main file)
+    copy_to: str = ""  # optional folder the final LoRA is also copied to (e.g. ComfyUI's loras/egrpo)
+
+    def validate(self) -> None:
+        from .paths import check_name
+
+        try:
+            check_name(self.name, "output.name")
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+        if not self.formats:
+            raise SpecError("output.formats is empty; valid values: 'kohya', 'peft', 'comfy'")
+        for f in self.formats:
+            _choice("output.formats[]", f, ("kohya", "peft", "comfy"))
+
+
+@dataclass
+class JobSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (one per line)
+    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms); [] = none (or the model's own set)
+    eval_seeds: list = field(default_factory=list)  # seeds for held-out sampling; [] = 10000..10009
+    rewards: list = field(default_factory=lambda: [{"name": "jpeg_compressibility", "weight": 1.0}])  # [{"name", "weight", ...options}]
+    algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    base_dir: str = ""  # folder relative paths in the spec are resolved against (set by from_file)
+
+    def validate(self) -> "JobSpec":
+        for part in (self.model, self.algorithm, self.lora, self.train, self.output):
+            part.validate()
+        self.prompt_list()  # resolves and checks the prompt file
+        if self.eval_prompts:
+            self.prompt_list(eval=True)
+        if not isinstance(self.rewards, list) or not self.rewards:
+            raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
+        from .rewards.base import reward_names
+
+        for i, r in enumerate(self.rewards):
+            if not isinstance(r, dict) or "name" not in r:
+                raise SpecError(f"rewards[{i}] must be an object with a 'name', got {r!r}")
+            _choice(f"rewards[{i}].name", r["name"], tuple(reward_names()))
+            _range(f"rewards[{i}].weight", r.get("weight", 1.0))
+        return self
+
+    def prompt_list(self, eval: bool = False) -> list[str]:
+        value = self.eval_prompts if eval else self.prompts
+        key = "eval_prompts" if eval else "prompts"
+        if isinstance(value, dict):
+            if set(value) != {"file"}:
+                raise SpecError(f"{key} as an object takes only the key 'file', got {sorted(value)}")
+            path = Path(value["file"])
+            if not path.is_absolute() and self.base_dir:
+                path = Path(self.base_dir) / path
+            if not path.is_file():
+                raise SpecError(f"{key}.file: prompt file not found: {path} (give a .txt file with one prompt per line)")
+            value = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            value = [p for p in value if p and not p.startswith("#")]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise SpecError(f"{key} must be a list of strings or {{'file': 'prompts.txt'}}")
+        value = [p.strip() for p in value]
+        if not eval and not value and self.model.source != "default":
+            raise SpecError(f"{key} is empty; give at least one prompt (the embedded default has its own prompt set)")
+        if any(not p for p in value):
+            raise SpecError(f"{key} contains an empty prompt; remove empty entries")
+        return value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: str = "") -> "JobSpec":
+        spec = _build(cls, data, "")
+        if base_dir and not spec.base_dir:
+            spec.base_dir = str(base_dir)
+        return spec.validate()
+
+    @classmethod
+    def from_file(cls, path) -> "JobSpec":
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"spec file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data, base_dir=str(path.resolve().parent))
+
+
+def _build(cls, data, prefix: str):
+    """Dataclass from a dict: nested dataclasses recursively, unknown keys rejected by name."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{prefix or 'spec'} must be an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"in {prefix[:-1]} " if prefix else ""
+        raise SpecError(f"unknown key {prefix}{unknown[0]!r} {where}; allowed keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    if cls is AlgorithmSpec:
+        from .algorithms import preset_defaults
+
+        kwargs.update(preset_defaults(data.get("preset", "egrpo")))
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(f"{prefix}{k}", t, v)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, t, v):
+    if t is bool and not isinstance(v, bool):
+        raise SpecError(f"{key} must be true or false, got {v!r}")
+    if t is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise SpecError(f"{key} must be an integer, got {v!r}")
+    if t is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SpecError(f"{key} must be a number, got {v!r}")
+        return float(v)
+    if t is str and not isinstance(v, str):
+        raise SpecError(f"{key} must be a string, got {v!r}")
+    if t is list and not isinstance(v, list):
+        raise SpecError(f"{key} must be a list, got {v!r}")
+    if t is dict and not isinstance(v, dict):
+        raise SpecError(f"{key} must be an object, got {v!r}")
+    return v

@@ -1,0 +1,53 @@
+"""The FlowPolicy seam: everything the algorithm needs from a model, and nothing else.
+
+The algorithm (schedule, sde, rollout, advantage, trainer) talks only to this protocol and never
+asks which model is behind it. Conventions:
+  - latents x: float tensor [B, *latent_shape]; x_t = (1 - sigma) x0 + sigma eps (rectified flow)
+  - sigma: float tensor [B] in [0, 1] (1 = pure noise)
+  - velocity(x, sigma, cond) -> v = eps - x0, same shape as x (no guidance; see guidance.py)
+  - cond: a dict of batch-first tensors (see cond_select / cond_cat), the output of encode()
+  - decode(latents) -> images float [B, C, H, W] in [0, 1]
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Cond = dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class FlowPolicy(Protocol):
+    latent_shape: tuple[int, ...]  # (C, H, W) of one latent
+    device: torch.device
+
+    def encode(self, prompts: list[str]) -> Cond: ...
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def lora_model(self) -> torch.nn.Module:
+        """The module that carries the LoRA (the denoiser); lora.py injects, toggles and exports on it."""
+        ...
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def set_lora_enabled(self, enabled: bool) -> None: ...
+
+
+def cond_select(cond: Cond, index: torch.Tensor | list[int]) -> Cond:
+    """Rows `index` of every tensor in cond (repeats allowed)."""
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return {k: v.index_select(0, idx.to(v.device)) for k, v in cond.items()}
+
+
+def cond_cat(conds: list[Cond]) -> Cond:
+    keys = conds[0].keys()
+    return {k: torch.cat([c[k] for c in conds], 0) for k in keys}
+
+
+def cond_batch(cond: Cond) -> int:
+    return next(iter(cond.values())).shape[0]

@@ -1,0 +1,79 @@
+"""The Reward seam: `reward(images, prompts) -> scores[B]`, plus a registry of rewards by name.
+
+images: float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; prompts: list of B strings.
+Scores are float32 on the CPU, one per image, higher is better. Rewards never need gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str):
+    """Decorator: make a reward factory buildable by name from a job spec or a node."""
+
+    def wrap(factory):
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def reward_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def build_reward(name: str, **options) -> Reward:
+    """Build a registered reward; unknown names raise listing the valid ones."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for reward {name!r}: {e}") from None
+
+
+def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Every reward's output passes here: shape [B], finite, float32 on the CPU."""
+    scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+    if scores.numel() != batch:
+        raise ValueError(f"reward {name!r} returned {scores.numel()} scores for {batch} images")
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise FloatingPointError(
+            f"reward {name!r} returned {bad} NaN/inf scores out of {batch}; check the reward model's "
+            "weights and the images it is given (a diverged LoRA produces NaN images: lower the learning rate)"
+        )
+    return scores
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their rewards; model-based rewards import lazily inside.
+    from . import combine, jpeg  # noqa: F401
+
+    try:
+        from . import models  # noqa: F401  (model-based rewards, if present)
+    except ImportError as e:  # pragma: no cover - only when an optional module is absent
+        if "models" not in str(e):
+            raise
+    try:
+        from ..default_model import rewards as _default  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        if "default_model" not in str(e):
+            raise

@@ -1,0 +1,124 @@
+"""SPEC 4: grouped rollouts. A counting policy proves the cost formula and the sharing of work."""
+
+import pytest
+import torch
+
+from egrpo_backend.rollout import coarse_grid, expected_nfe, rollout, window_steps
+from egrpo_backend.schedule import build_plan, shifted_sigmas
+from egrpo_backend.sde import ode_step, sde_step
+
+
+class CountingPolicy:
+    """A cheap analytic velocity field that counts every evaluated sample and records its sigma."""
+
+    latent_shape = (1, 4, 4)
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.rows, self.sigmas = 0, []
+
+    def encode(self, prompts):
+        return {"c": torch.tensor([[float(len(p))] for p in prompts])}
+
+    def velocity(self, x, sigma, cond):
+        self.rows += x.shape[0]
+        self.sigmas.extend(sigma.tolist())
+        return 0.5 * x - cond["c"].view(-1, 1, 1, 1) * 0.01 * (1 - sigma.view(-1, 1, 1, 1))
+
+    def decode(self, latents):
+        return ((latents + 1) / 2).clamp(0, 1)
+
+
+def mean_pixel(images, prompts):
+    r = images.mean((1, 2, 3))
+    return r, {"mean_pixel": r}
+
+
+PAPER = dict(eta=0.7, tau=2.2, active="0-7")
+
+
+def run(policy, plan, starts, G=8, gran=(1,), window=1, shared=True, scale=1.0, seed=0, prompts=("a", "bb")):
+    cond = policy.encode(list(prompts))
+    uncond = policy.encode([""]) if scale != 1.0 else None
+    return rollout(policy, plan, cond, list(prompts), starts, mean_pixel, group_size=G,
+                   generator=torch.Generator().manual_seed(seed), granularities=list(gran), window=window,
+                   shared_noise=shared, uncond=uncond, guidance_scale=scale)
+
+
+def test_paper_setting_costs_672_evaluations_per_prompt():
+    plan = build_plan(shifted_sigmas(16, 3.0), **PAPER)
+    # By hand: anchor v_0..v_7 = 8; branch steps reuse the anchor's v; ODE finishes from
+    # targets [1,2,4,5,6,8,9,10] take [15,14,12,11,10,8,7,6] = 83 steps, times G = 8 -> 664.
+    assert expected_nfe(plan, plan.active, 8, [1]) == 672
+    policy = CountingPolicy()
+    ro = run(policy, plan, plan.active)
+    assert policy.rows == ro.nfe == 2 * 672
+
+
+@pytest.mark.parametrize("gran,window,shared,scale,starts", [
+    ((1, 2), 1, True, 1.0, None),
+    ((1,), 1, True, 4.5, None),
+    ((1, 3), 2, True, 1.0, [2, 5]),
+    ((1,), 0, False, 1.0, [0]),
+    ((2,), 4, True, 1.0, [3]),
+])
+def test_counted_evaluations_equal_the_formula(gran, window, shared, scale, starts):
+    plan = build_plan(shifted_sigmas(16, 3.0), **PAPER)
+    starts = starts or plan.active
+    policy = CountingPolicy()
+    ro = run(policy, plan, starts, G=4, gran=gran, window=window, shared=shared, scale=scale)
+    per_prompt = expected_nfe(plan, starts, 4, list(gran), window, shared, scale)
+    assert ro.nfe == 2 * per_prompt
+    assert policy.rows * (2 if scale != 1.0 else 1) == ro.nfe * (2 if scale != 1.0 else 1)
+
+
+def test_branch_inputs_are_shared_and_come_from_the_anchor():
+    plan = build_plan(shifted_sigmas(16, 3.0), **PAPER)
+    policy = CountingPolicy()
+    ro = run(policy, plan, plan.active, G=8)
+    n_groups = 2 * 8
+    assert ro.input_x.shape[0] == n_groups  # one unique input per group, shared by its 8 members
+    assert ro.x_next.shape[0] == n_groups * 8
+    assert torch.equal(ro.input_id, torch.arange(n_groups).repeat_interleave(8))
+    # Rebuild the anchor by hand for prompt 0 and check the state of group (prompt 0, step 4).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 1, 4, 4), generator=gen)[:1]
+    cond = policy.encode(["a"])
+    for k in range(4):
+        x = ode_step(x, policy.velocity(x, torch.tensor([plan.sigmas[k]]), cond), plan.sigmas[k], plan.sigmas[k + 1])
+    g4 = (ro.group_prompt == 0) & (ro.group_start == 4)
+    torch.testing.assert_close(ro.input_x[g4.nonzero()[0, 0]], x[0])
+    # The recorded old log-prob is the log-density of the recorded transition.
+    idx = (ro.input_id == g4.nonzero()[0, 0]).nonzero().squeeze(1)
+    v = policy.velocity(x, torch.tensor([plan.sigmas[4]]), cond).expand(len(idx), -1, -1, -1)
+    out = sde_step(x.expand(len(idx), -1, -1, -1), v, plan.sigmas[4], plan.sigmas[6], plan.g[4], x_next=ro.x_next[idx])
+    torch.testing.assert_close(out.log_prob, ro.log_prob[idx], atol=1e-6, rtol=0)
+    # Members took independent noise: their next states differ.
+    assert ro.x_next[idx].std(0).mean() > 0.01
+
+
+def test_rewards_have_group_shape_and_rollouts_are_reproducible():
+    plan = build_plan(shifted_sigmas(8, 3.0), 0.7, 2.2, "0-3")
+    a = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=3)
+    b = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=3)
+    c = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=4)
+    assert a.rewards.shape == (2 * 4, 2, 4)
+    assert torch.equal(a.rewards, b.rewards) and torch.equal(a.x_next, b.x_next)
+    assert not torch.equal(a.rewards, c.rewards)
+
+
+def test_coarse_grid_always_ends_at_zero():
+    s = [0.9, 0.7, 0.5, 0.3, 0.1, 0.0]
+    assert coarse_grid(s, 1) == s
+    assert coarse_grid(s, 2) == [0.9, 0.5, 0.1, 0.0]
+    assert coarse_grid(s, 3) == [0.9, 0.3, 0.0]
+    assert coarse_grid([0.0], 2) == [0.0]
+
+
+def test_window_steps_follow_merge_widths():
+    plan = build_plan(shifted_sigmas(16, 3.0), **PAPER)
+    assert window_steps(plan, 2, 1) == [(2, 4)]
+    assert window_steps(plan, 5, 2) == [(5, 8), (8, 12)]  # step 8 is ODE in the plan: its width follows tau too
+    assert window_steps(plan, 14, 0) == [(14, 16)]  # no width reaches tau: merge to the end (DECIDED)
+    single = build_plan(shifted_sigmas(16, 3.0), 0.7, 0.0, "all")
+    assert window_steps(single, 14, 0) == [(14, 15), (15, 16)]
