@@ -42,10 +42,12 @@ def plot_entropy_plan(plan, path) -> None:
                         textcoords="offset points")
     if plan.tau > 0:
         ax.axhline(plan.tau, color="black", ls="--", lw=1, label=f"tau = {plan.tau:g}")
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     handles = [Patch(color="#d1495b", label="SDE (branch, trained)"), Patch(color="#8d99ae", label="ODE"),
-               Patch(color="#edae49", alpha=0.3, label="merged span")]
+               Patch(color="#edae49", alpha=0.3, label="merged span"),
+               Line2D([], [], color="#00798c", lw=2, label="merged step score")]
     if plan.tau > 0:
         handles.append(ax.get_lines()[-1])
     ax.legend(handles=handles, fontsize=7, loc="upper right")

@@ -1,0 +1,167 @@
+"""Command line: `python -m egrpo_backend {plan,train,run,resume,cancel,export,status,rewards} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
+
+
+def cmd_plan(a) -> int:
+    from .schedule import build_plan, shifted_sigmas
+
+    sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else shifted_sigmas(a.steps, a.shift)
+    plan = build_plan(sigmas, a.eta, a.tau, a.active, a.diffusion)
+    print(json.dumps(plan.to_json(), indent=2) if a.json else plan.table())
+    if a.png:
+        plan.save_png(a.png)
+        if not a.json:
+            print(f"chart written to {a.png}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .config import JobSpec
+    from .jobs import create_job, run_job
+
+    spec = JobSpec.from_file(a.spec)
+    create_job(spec, a.out)
+    print(f"job created in {a.out}")
+    return _report(run_job(a.out, until=a.until, progress=not a.quiet))
+
+
+def cmd_run(a) -> int:
+    from .jobs import run_job
+
+    return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
+
+
+def cmd_resume(a) -> int:
+    from .jobs import resume_job
+
+    return _report(resume_job(a.job_dir, until=a.until, progress=not a.quiet))
+
+
+def cmd_cancel(a) -> int:
+    from .jobs import request_cancel
+
+    request_cancel(a.job_dir)
+    print(f"cancel requested for {a.job_dir}: it stops after the current iteration and writes its LoRA")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .jobs import export_job
+
+    print(export_job(a.job_dir, a.format, out=a.out))
+    return 0
+
+
+def cmd_status(a) -> int:
+    from .jobs import read_status
+
+    print(json.dumps(read_status(a.job_dir), indent=2))
+    return 0
+
+
+def cmd_rewards(a) -> int:
+    from .rewards import reward_names
+
+    try:
+        from .rewards.models.status import reward_status
+    except ImportError:
+        reward_status = None
+    status = {s["name"]: s for s in reward_status(a.reward_dir)} if reward_status else {}
+    for name in reward_names():
+        s = status.get(name)
+        if s is None:
+            print(f"{name:24s} ready (no weight files needed)")
+        else:
+            print(f"{name:24s} {'found' if s['found'] else 'missing'}: {', '.join(s['files']) or '-'}"
+                  + ("" if s["found"] else f"  (searched {s['searched']}; {s['hint']})"))
+    return 0
+
+
+def _report(result: dict) -> int:
+    print(f"status: {result['status']} after {result['iteration']} iterations")
+    for path in result["lora"]:
+        print(f"LoRA: {path}")
+    if result["eval"]:
+        first, last = result["eval"][0], result["eval"][-1]
+        print(f"held-out reward: {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m egrpo_backend", description="E-GRPO training for flow-matching models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("plan", help="print the entropy plan of a schedule", description="Print the entropy plan: "
+                       "per-step std and entropy score, merge widths, SDE/ODE kind.")
+    s.add_argument("--steps", type=int, default=16, help="T, sampling steps (default 16)")
+    s.add_argument("--shift", type=float, default=3.0, help="timestep shift s (default 3.0)")
+    s.add_argument("--sigmas", default="", help="explicit comma-separated grid ending at 0 (overrides --steps/--shift)")
+    s.add_argument("--eta", type=float, default=0.7, help="SDE noise level a (default 0.7)")
+    s.add_argument("--tau", type=float, default=2.2, help="entropy threshold; 0 disables merging (default 2.2)")
+    s.add_argument("--active", default="0-7", help="branch (trained) steps: '0-7', '0,2,4', 'all' (default 0-7)")
+    s.add_argument("--diffusion", default="flow_grpo", choices=["flow_grpo", "constant"], help="diffusion coefficient form")
+    s.add_argument("--json", action="store_true", help='print {"steps": [{index, sigma, sigma_next, std, entropy, merge, kind}]}')
+    s.add_argument("--png", default="", help="also write the chart to this PNG file")
+    s.set_defaults(fn=cmd_plan)
+
+    for name, fn, text in (("run", cmd_run, "run a job directory (continues from its last checkpoint)"),
+                           ("resume", cmd_resume, "resume a stopped, cancelled or killed job from its last checkpoint")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("job_dir", help="job directory (holds job.json)")
+        s.add_argument("--until", type=int, default=None, help="stop (resumably) after this many iterations")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("train", help="create a job from a spec file and run it", description="Create a job "
+                       "directory from a JSON spec (validated) and run it.")
+    s.add_argument("spec", help="JSON job spec (see README)")
+    s.add_argument("--out", required=True, help="new job directory")
+    s.add_argument("--until", type=int, default=None, help="stop (resumably) after this many iterations")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("cancel", help="ask a running job to stop after its current iteration",
+                       description="Stop a job after its current iteration; it writes a usable LoRA.")
+    s.add_argument("job_dir")
+    s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("export", help="export the job's LoRA in a format", description="Write the LoRA of the "
+                       "job's latest checkpoint: kohya (lora_unet_*), peft (diffusers transformer.*), comfy (diffusion_model.*).")
+    s.add_argument("job_dir")
+    s.add_argument("--format", required=True, choices=["kohya", "peft", "comfy"])
+    s.add_argument("--out", default=None, help="output .safetensors (default: JOB_DIR/lora/NAME[.fmt].safetensors)")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("status", help="print a job's status.json", description="Print a job's status.")
+    s.add_argument("job_dir")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("rewards", help="list rewards and whether their weight files were found",
+                       description="List the available rewards and whether their files were found.")
+    s.add_argument("--reward-dir", default=None, help="folder with reward model files (default: $EGRPO_REWARD_DIR)")
+    s.set_defaults(fn=cmd_rewards)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Model sources behind the FlowPolicy seam. `build_policy` is the only place that asks which source."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Cond, FlowPolicy, cond_batch, cond_cat, cond_select
+
+SOURCES = ("default", "diffusers", "comfy")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_policy(model_spec, device: torch.device, dtype: torch.dtype) -> FlowPolicy:
+    """A FlowPolicy for ModelSpec.source (default | diffusers | comfy)."""
+    ckpt = model_spec.gradient_checkpointing == "on" or (model_spec.gradient_checkpointing == "auto" and device.type == "cuda")
+    if model_spec.source == "default":
+        from ..default_model.policy import load_default_policy
+
+        return load_default_policy(device=device)
+    if model_spec.source == "diffusers":
+        from .diffusers_policy import load_diffusers_policy
+
+        return load_diffusers_policy(model_spec.path, model_spec.family, device, dtype, gradient_checkpointing=ckpt)
+    if model_spec.source == "comfy":
+        from .comfy_policy import load_comfy_policy  # imports ComfyUI: only ever inside a job's child process
+
+        return load_comfy_policy(model_spec, device, dtype, gradient_checkpointing=ckpt)
+    raise ValueError(f"unknown model source {model_spec.source!r}; valid: {', '.join(SOURCES)}")
+
+
+def source_defaults(model_spec) -> dict:
+    """What a source offers when the spec leaves it out: prompts, held-out pairs, rewards."""
+    if model_spec.source == "default":
+        from ..default_model.policy import default_job_inputs
+
+        return default_job_inputs()
+    return {}
+
+
+__all__ = ["Cond", "FlowPolicy", "SOURCES", "build_policy", "cond_batch", "cond_cat", "cond_select",
+           "resolve_device", "resolve_dtype", "source_defaults"]
