@@ -148,12 +148,13 @@ class TrainSpec:
     inner_epochs: int = 1  # passes over each rollout batch
     micro_batch: int = 16  # (group, step) units per forward with grad; bounds memory, not the math
     checkpoint_every: int = 5  # iterations between checkpoints (and at the end / on cancel)
-    eval_every: int = 0  # iterations between held-out evaluations; 0 = only at start and end when eval prompts exist
+    evaluate: bool = True  # held-out evaluation (eval_prompts x eval_seeds, or the model's own set) at start and end
+    eval_every: int = 0  # iterations between extra held-out evaluations; 0 = only at start and end
     sample_every: int = 0  # iterations between sample grids written to samples/; 0 = off
     seed: int = 0  # rollout noise, prompt order, branch choices
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch default
-    diversity_guard: float = 0.0  # stop when held-out within-prompt diversity falls below this fraction of the base's; 0 = off
+    diversity_guard: float = 0.0  # reward-hacking guard: if held-out diversity < this x base, stop and restore the last LoRA that passed; 0 = off
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1)
@@ -277,8 +278,9 @@ def _build(cls, data, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = f"in {prefix[:-1]} " if prefix else ""
-        raise SpecError(f"unknown key {prefix}{unknown[0]!r} {where}; allowed keys: {', '.join(fields)}")
+        where = f" in {prefix[:-1]}" if prefix else ""
+        allowed = ", ".join(f for f in fields if f != "base_dir")
+        raise SpecError(f"unknown key '{prefix}{unknown[0]}'{where}; allowed keys: {allowed}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     if cls is AlgorithmSpec:

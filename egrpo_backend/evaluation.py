@@ -29,20 +29,25 @@ def sample_ode(policy: FlowPolicy, sigmas: list[float], prompts: list[str], seed
 
 
 def bootstrap_ci(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
+    """Percentile bootstrap interval of the mean (seeded: the same scores give the same interval)."""
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
     idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=torch.Generator().manual_seed(seed))
     means = v[idx].mean(1)
     lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)).tolist()
     return lo, hi
 
 
-def within_prompt_diversity(images: torch.Tensor, prompts: list[str]) -> float:
-    """Mean pairwise L2 distance between images of the same prompt (flattened pixels in [0, 1])."""
-    flat = images.flatten(1).double()
+def within_prompt_diversity(images: torch.Tensor, groups: list) -> float:
+    """Mean over groups of the mean pairwise L2 distance between images of one group (usually one
+    prompt; flattened pixels in [0, 1]). Groups of one image are skipped."""
+    flat = images.detach().flatten(1).double().cpu()
+    if len(groups) != flat.shape[0]:
+        raise ValueError(f"{flat.shape[0]} images but {len(groups)} group ids")
     dists = []
-    for p in dict.fromkeys(prompts):
-        idx = torch.tensor([i for i, q in enumerate(prompts) if q == p])
+    for p in dict.fromkeys(groups):
+        idx = torch.tensor([i for i, q in enumerate(groups) if q == p])
         if idx.numel() < 2:
             continue
         d = torch.cdist(flat[idx], flat[idx])
@@ -54,14 +59,18 @@ def within_prompt_diversity(images: torch.Tensor, prompts: list[str]) -> float:
 
 
 def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: list[float], *,
-             guidance_scale: float = 1.0, uncond=None) -> dict:
-    """Held-out reward (mean, 95% CI) and within-prompt diversity of ODE samples."""
+             guidance_scale: float = 1.0, uncond=None, group_key=None) -> dict:
+    """Held-out reward (mean, 95% CI) and within-group diversity of ODE samples.
+
+    group_key(prompt) -> the group a sample's diversity is measured in (default: the prompt itself).
+    """
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     images = sample_ode(policy, sigmas, prompts, seeds, guidance_scale=guidance_scale, uncond=uncond)
     scores = reward(images, prompts)
     lo, hi = bootstrap_ci(scores)
     out = {"reward_mean": float(scores.mean()), "reward_ci": [lo, hi], "n": len(pairs), "scores": scores.tolist()}
-    if len(set(prompts)) < len(prompts):
-        out["diversity"] = within_prompt_diversity(images, prompts)
+    groups = [group_key(p) if group_key else p for p in prompts]
+    if len(set(groups)) < len(groups):
+        out["diversity"] = within_prompt_diversity(images, groups)
     out["images"] = images
     return out

@@ -17,6 +17,7 @@ EVENT TYPES (every event has "type" and "time"):
   checkpoint  iteration, path
   sample      iteration, path
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
+  guard       iteration, diversity, base_diversity, restored (the reward-hacking guard stopped the run)
   error       message, traceback
 Everything is written atomically; a SIGKILL loses at most the iteration in flight.
 """
@@ -264,7 +265,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
     defaults = source_defaults(spec.model)
     prompts = spec.prompt_list() or defaults.get("prompts", [])
     eval_pairs = ([(p, s) for p in spec.prompt_list(eval=True) for s in (spec.eval_seeds or range(10000, 10010))]
-                  if spec.eval_prompts else defaults.get("eval_pairs", []))
+                  if spec.eval_prompts else defaults.get("eval_pairs", [])) if cfg.evaluate else []
     rewards = [build_reward(r["name"], **{k: v for k, v in r.items() if k not in ("name", "weight")}) for r in spec.rewards]
     reward = WeightedRewards(rewards, [float(r.get("weight", 1.0)) for r in spec.rewards])
     # Encode every prompt once; text encoders can then leave memory.
@@ -286,7 +287,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
         from .evaluation import evaluate
 
         res = evaluate(policy, reward, eval_pairs, list(plan.sigmas), guidance_scale=spec.algorithm.guidance_scale,
-                       uncond=trainer.uncond)
+                       uncond=trainer.uncond, group_key=defaults.get("group_key"))
         entry = {"iteration": trainer.state.iteration, **{k: res[k] for k in ("reward_mean", "reward_ci", "diversity") if k in res}}
         eval_history.append(entry)
         events.emit("eval", **entry)
@@ -295,6 +296,8 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
     base_div = eval_history[0].get("diversity") if eval_history else None
     if eval_pairs and not eval_history:
         base_div = run_eval().get("diversity")
+    # Reward-hacking guard: the last LoRA whose held-out diversity stayed above the bound.
+    good = {"iteration": trainer.state.iteration, "lora": lora_lib.lora_tensors(policy.lora_model())}
 
     from tqdm.auto import tqdm
 
@@ -313,11 +316,16 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
         last = it == cfg.iterations
         if eval_pairs and ((cfg.eval_every and it % cfg.eval_every == 0) or last):
             res = run_eval()
-            if cfg.diversity_guard and base_div and res.get("diversity") is not None:
-                guard_hit = res["diversity"] < cfg.diversity_guard * base_div
-                if guard_hit:
-                    events.emit("guard", iteration=it, diversity=res["diversity"], base_diversity=base_div,
-                                message="held-out diversity fell below the guard: stopping to avoid reward hacking")
+            div = res.get("diversity")
+            guard_hit = bool(cfg.diversity_guard and base_div and div is not None and div < cfg.diversity_guard * base_div)
+            if guard_hit:
+                # Roll back to the last LoRA that passed: collapse is what reward hacking looks like.
+                lora_lib.set_lora_tensors(policy.lora_model(), good["lora"])
+                events.emit("guard", iteration=it, diversity=div, base_diversity=base_div, restored=good["iteration"],
+                            message=f"held-out diversity {div:.3f} fell below {cfg.diversity_guard:g} x base "
+                                    f"({base_div:.3f}): stopped and restored the LoRA of iteration {good['iteration']}")
+            else:
+                good = {"iteration": it, "lora": lora_lib.lora_tensors(policy.lora_model())}
         if cfg.sample_every and it % cfg.sample_every == 0 and trainer.last_rollout.images is not None:
             from .plots import image_grid
 
