@@ -1,0 +1,123 @@
+"""scikit-learn's bundled handwritten digits as 1x16x16 images, their prompts and the held-out eval set.
+
+Images: `load_digits()` gives 8x8 images with values 0..16. We scale to [0, 1], upsample to 16x16 with
+bilinear interpolation (torch.nn.functional.interpolate, align_corners=False) and map to [-1, 1], the
+model's latent space. The reward classifier and the metrics use the same 16x16 images in [0, 1].
+
+Prompts: five phrasings per digit so the text matters (names and numerals). Pretraining and RL use the
+same templates; the held-out eval set holds out the SEEDS (10_000 and up, which training never uses),
+not the phrasing: 10 digits x 10 seeds, each digit seen twice with every template.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import torch
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+IMAGE_SIZE = 16
+SPLIT_SEED = 0  # fixed: the train / held-out split of the REAL images never changes
+HELDOUT_FRACTION = 0.2
+HELDOUT_SEED_BASE = 10_000  # eval seeds are 10_000 + k; training seeds stay below this
+HELDOUT_SEEDS_PER_DIGIT = 10
+
+# {name} = "three", {d} = "3"
+TRAIN_TEMPLATES = (
+    "a handwritten digit {name}",
+    "the number {d} written by hand",
+    "a sketch of the numeral {name}",
+    "digit: {name}",
+    "a drawing of the number {d}",
+)
+
+_WORD = re.compile(r"[a-z]+|\d+")
+
+
+def prompt_for(digit: int, template: str = TRAIN_TEMPLATES[0]) -> str:
+    """The prompt naming `digit` in one phrasing, e.g. prompt_for(3) -> 'a handwritten digit three'."""
+    if not 0 <= int(digit) <= 9:
+        raise ValueError(f"digit must be in 0..9, got {digit}")
+    return template.format(name=DIGIT_NAMES[int(digit)], d=int(digit))
+
+
+def digit_of_prompt(prompt: str) -> int:
+    """Which digit a prompt names ('three' or '3'); ValueError if it names none or several."""
+    found = set()
+    for w in _WORD.findall(str(prompt).lower()):
+        if w in DIGIT_NAMES:
+            found.add(DIGIT_NAMES.index(w))
+        elif w.isdigit() and len(w) == 1:
+            found.add(int(w))
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise ValueError(
+            f"prompt {prompt!r} names {what}; the digits model needs exactly one digit, "
+            "written as a word ('three') or a numeral ('3'), e.g. 'a handwritten digit three'"
+        )
+    return found.pop()
+
+
+def train_prompts() -> list[str]:
+    """The 50 prompts (10 digits x 5 templates) used for pretraining and RL training."""
+    return [prompt_for(d, t) for t in TRAIN_TEMPLATES for d in range(10)]
+
+
+def heldout_eval_set() -> list[tuple[str, int]]:
+    """100 fixed (prompt, seed) pairs: 10 digits x 10 seeds from 10_000 up, templates cycled."""
+    out = []
+    for d in range(10):
+        for k in range(HELDOUT_SEEDS_PER_DIGIT):
+            seed = HELDOUT_SEED_BASE + d * HELDOUT_SEEDS_PER_DIGIT + k
+            out.append((prompt_for(d, TRAIN_TEMPLATES[k % len(TRAIN_TEMPLATES)]), seed))
+    return out
+
+
+def to_16x16(images_8x8: torch.Tensor) -> torch.Tensor:
+    """[N, 8, 8] values 0..16 -> [N, 1, 16, 16] in [0, 1] (bilinear, align_corners=False)."""
+    x = images_8x8.float().div(16.0).unsqueeze(1)
+    x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return x.clamp(0.0, 1.0)
+
+
+@lru_cache(maxsize=1)
+def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return to_16x16(torch.as_tensor(data.images)), torch.as_tensor(data.target, dtype=torch.long)
+
+
+@lru_cache(maxsize=1)
+def _split_indices() -> tuple[torch.Tensor, torch.Tensor]:
+    # Stratified per digit so both splits hold every class in the same proportion.
+    _, labels = _all_digits()
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    train, held = [], []
+    for d in range(10):
+        idx = (labels == d).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_held = round(HELDOUT_FRACTION * idx.numel())
+        held.append(idx[:n_held])
+        train.append(idx[n_held:])
+    return torch.cat(train).sort().values, torch.cat(held).sort().values
+
+
+def real_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """REAL digit images [N, 1, 16, 16] in [0, 1] and labels [N] of the 'train' or 'heldout' split."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; valid: 'train', 'heldout'")
+    images, labels = _all_digits()
+    idx = _split_indices()[0 if split == "train" else 1]
+    return images[idx].clone(), labels[idx].clone()
+
+
+def to_latent(images01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> the model's latent space [-1, 1]."""
+    return images01 * 2.0 - 1.0
+
+
+def decode(latents: torch.Tensor) -> torch.Tensor:
+    """The model's latents -> images in [0, 1]."""
+    return ((latents + 1.0) / 2.0).clamp(0.0, 1.0)

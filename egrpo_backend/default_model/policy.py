@@ -1,0 +1,26 @@
+"""The embedded default as a FlowPolicy: a plain DiffusersPolicy (SD3 family, pixel space, no VAE).
+
+Nothing in the engine special-cases it; it only brings its own prompts, held-out set and reward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policies.diffusers_policy import DiffusersPolicy
+
+
+def load_default_policy(device: torch.device | str = "cpu") -> DiffusersPolicy:
+    from .model import load_default_transformer
+    from .text import get_text_encoder
+
+    encoder = get_text_encoder()
+    return DiffusersPolicy(load_default_transformer("cpu"), encoder.encode, (1, 16, 16), vae=None, family="sd3",
+                           device=device, dtype=torch.float32)
+
+
+def default_job_inputs() -> dict:
+    """Training prompts, held-out (prompt, seed) pairs, and the diversity grouping (by named digit)."""
+    from .digits import digit_of_prompt, heldout_eval_set, train_prompts
+
+    return {"prompts": train_prompts(), "eval_pairs": heldout_eval_set(), "group_key": digit_of_prompt}
