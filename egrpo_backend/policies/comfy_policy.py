@@ -1,0 +1,173 @@
+"""The comfy FlowPolicy: a model loaded by ComfyUI's own loaders (comfy.sd), trained with our LoRA.
+
+Runs only inside a job's child process; ComfyUI is imported here and nowhere else in the engine.
+model_spec.path is the diffusion-model (or checkpoint) file; model_spec.comfy holds
+  comfy_root  ComfyUI's folder (put on sys.path)            kind  "diffusion_model" | "checkpoint"
+  vae         VAE (or checkpoint) file; "" = no VAE: images are a latent preview (tests only)
+  cond_cache  safetensors of prompt conds encoded in ComfyUI's process: cond.{i}, pooled.{i},
+              metadata "prompts" = JSON list (prompt i)   guidance  distilled guidance (Flux-dev)
+  width, height  image size of the rollouts (default 512)
+Conventions (policies/base.py): latents are the model's own space (ComfyUI's process_latent_in),
+ComfyUI's model returns the denoised x0, so v = (x - x0) / sigma; the LoRA sits on
+`BaseModel.diffusion_model`, so exported kohya keys are `lora_unet_<BFL path>`, which ComfyUI's
+LoraLoader maps. Backward needs comfy.model_management.in_training = True (fused kernels have no
+autograd otherwise) and, for Flux, gradient checkpointing of every block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import lora as lora_lib
+
+
+def _import_comfy(root: str, device: torch.device):
+    if not root or not (Path(root) / "comfy").is_dir():
+        raise FileNotFoundError(f"model.comfy.comfy_root = {root!r} is not a ComfyUI folder (expected {root}/comfy/)")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    argv = sys.argv
+    sys.argv = [argv[0]] + (["--cpu"] if device.type == "cpu" else []) + ["--disable-api-nodes"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.model_management as mm
+        import comfy.sd
+        import comfy.utils
+    finally:
+        sys.argv = argv
+    mm.in_training = True  # this process only trains: autograd-capable attention everywhere
+    return comfy
+
+
+def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> int:
+    """Recompute every block of the model's ModuleLists in backward (Flux adds residuals in place)."""
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+    for child in diffusion_model.children():
+        if not isinstance(child, torch.nn.ModuleList):
+            continue
+        for block in child:
+            forward = block.forward
+
+            def run(*args, __f=forward, **kwargs):  # blocks add residuals into their input in place: clone
+                args = [a.clone() if torch.is_tensor(a) else a for a in args]
+                kwargs = {k: v.clone() if torch.is_tensor(v) and k in ("img", "txt", "x") else v for k, v in kwargs.items()}
+                return __f(*args, **kwargs)
+
+            def wrapped(*args, __f=forward, __run=run, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(__run, *args, use_reentrant=False, **kwargs)
+                return __f(*args, **kwargs)
+
+            block.forward = wrapped
+            count += 1
+    return count
+
+
+class ComfyPolicy:
+    def __init__(self, base_model, vae, conds: dict, prompts: list[str], latent_shape, device, guidance: float):
+        self.model, self.vae = base_model, vae
+        self.diffusion_model = base_model.diffusion_model
+        self.latent_shape, self.device, self.guidance = tuple(latent_shape), device, guidance
+        self._conds, self._index = conds, {p: i for i, p in enumerate(prompts)}
+
+    # --- FlowPolicy ----------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> dict:
+        missing = [p for p in prompts if p not in self._index]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} is not in the job's cond cache; the node encodes every training "
+                           "prompt when it creates the job (re-create the job after changing prompts)")
+        return {"prompt": torch.tensor([self._index[p] for p in prompts], dtype=torch.long)}
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        idx = cond["prompt"].tolist()
+        out = torch.empty_like(x)
+        for p in sorted(set(idx)):
+            rows = [i for i, q in enumerate(idx) if q == p]
+            out[rows] = self._velocity_rows(x[rows], sigma[rows], p)
+        return out
+
+    def _velocity_rows(self, x, sigma, p: int):
+        n = x.shape[0]
+        kwargs = {"cross_attn": self._conds[f"cond.{p}"], "noise": x, "device": self.device, "guidance": self.guidance}
+        if f"pooled.{p}" in self._conds:
+            kwargs["pooled_output"] = self._conds[f"pooled.{p}"]
+        extra = self.model.extra_conds(**kwargs)
+        conds = {k: v.process_cond(batch_size=n, device=self.device, area=None).cond for k, v in extra.items()}
+        conds = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in conds.items()}
+        x0 = self.model.apply_model(x, sigma.to(x.dtype), **conds)
+        return (x - x0.to(x.dtype)) / sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.model.process_latent_out(latents.float())
+        if self.vae is None:  # latent preview: first channels squashed into [0, 1]
+            z = z[:, :3] if z.shape[1] >= 3 else z[:, :1]
+            return torch.sigmoid(z).float()
+        images = self.vae.decode(z)
+        if images.ndim == 5:
+            images = images[:, 0]
+        return images[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
+
+    def lora_model(self) -> torch.nn.Module:
+        return self.diffusion_model
+
+    def trainable_parameters(self):
+        return lora_lib.lora_parameters(self.diffusion_model)
+
+    def set_lora_enabled(self, enabled: bool) -> None:
+        lora_lib.set_lora_enabled(self.diffusion_model, enabled)
+
+
+def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> ComfyPolicy:
+    opts = dict(model_spec.comfy or {})
+    _import_comfy(opts.get("comfy_root", ""), device)
+    import comfy.sd
+    import comfy.utils
+
+    path = model_spec.path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path} (model.path must be a diffusion model or checkpoint file)")
+    kind = opts.get("kind", "diffusion_model")
+    if kind == "checkpoint":
+        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    else:
+        patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
+    base = patcher.model
+    base.to(device=device, dtype=dtype)
+    base.requires_grad_(False)
+    base.eval()
+    if gradient_checkpointing:
+        _checkpoint_blocks(base.diffusion_model)
+
+    vae = None
+    vae_path = opts.get("vae", "")
+    if vae_path:
+        if kind == "checkpoint" and vae_path == path:
+            vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=False, output_model=False)[2]
+        else:
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
+
+    cache = opts.get("cond_cache", "")
+    if not cache or not os.path.isfile(cache):
+        raise FileNotFoundError(f"prompt cond cache not found: {cache!r}; the E-GRPO Train LoRA node writes it "
+                                "(conds.safetensors in the job folder)")
+    from safetensors import safe_open
+
+    with safe_open(cache, framework="pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+        conds = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
+
+    channels = base.latent_format.latent_channels
+    ratio = vae.downscale_ratio if vae is not None and isinstance(getattr(vae, "downscale_ratio", None), int) else 8
+    h, w = int(opts.get("height", 512)), int(opts.get("width", 512))
+    latent_shape = (channels, h // ratio, w // ratio)
+    return ComfyPolicy(base, vae, conds, prompts, latent_shape, device, float(opts.get("guidance", 3.5)))

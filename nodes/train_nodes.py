@@ -1,0 +1,254 @@
+"""E-GRPO Train LoRA (starts a background job, returns its id at once) and E-GRPO Job (waits, reports).
+
+The node only builds a job spec (egrpo_backend.config.JobSpec) and hands it to the job manager;
+the training runs in a child process. The job id is `NAME-<hash>` of the spec and the identity of
+the model files, so re-queuing an unchanged graph finds the existing job instead of starting a
+duplicate, and a changed input or seed starts a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from . import comfy_glue, types
+from .images import blank_image, png_to_image
+from .job_manager import get_manager
+
+SOURCES = ["default", "comfy"]
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+def _presets() -> list[str]:
+    from egrpo_backend.algorithms import PRESETS
+
+    return list(PRESETS)
+
+
+def job_id_for(name: str, spec: dict, identity: dict) -> str:
+    """NAME-<12 hex> from the canonical JSON of the spec and the model files' identity."""
+    blob = json.dumps({"spec": spec, "identity": identity}, sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def build_spec(*, source, name, reward, prompts, preset, iterations, group_size, prompts_per_iteration, steps, shift,
+               eta, tau, active, lr, clip_range, lora_rank, seed, device="auto", plan=None, overrides="") -> dict:
+    """The job spec dict from the node's inputs (validated by the caller with JobSpec.from_dict)."""
+    algorithm = {"preset": preset, "steps": steps, "shift": shift, "eta": eta, "tau": tau, "active": active,
+                 "group_size": group_size, "clip_range": clip_range}
+    if plan is not None:  # the plan's grid and settings replace the widgets
+        algorithm.update(sigmas=list(plan.sigmas), steps=plan.num_steps, eta=plan.eta, tau=plan.tau,
+                         active=plan.active, diffusion=plan.diffusion)
+    spec = {
+        "model": {"source": source},
+        "prompts": list(prompts or []),
+        "rewards": [dict(r) for r in reward],
+        "algorithm": algorithm,
+        "lora": {"rank": lora_rank, "alpha": float(lora_rank)},
+        "train": {"iterations": iterations, "prompts_per_iteration": prompts_per_iteration, "lr": lr, "seed": seed,
+                  "device": device, "sample_every": 1, "checkpoint_every": max(1, min(10, iterations // 4 or 1))},
+        "output": {"name": name, "formats": ["kohya", "comfy"] if source == "comfy" else ["peft", "kohya"]},
+    }
+    if overrides.strip():
+        try:
+            extra = json.loads(overrides)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"spec_overrides is not valid JSON: {e}") from None
+        if not isinstance(extra, dict):
+            raise ValueError("spec_overrides must be a JSON object like {\"train\": {\"minibatches\": 4}}")
+        spec = _merge(spec, extra)
+    return spec
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def comfy_model_files(model, vae, vae_name: str = "") -> dict:
+    """The files the child loads: from the core loaders' records, or a clear error."""
+    src = comfy_glue.patcher_source(model)
+    if not src.get("paths"):
+        raise ValueError("cannot tell which file this MODEL was loaded from: load it with the core 'Load Diffusion "
+                         "Model' (UNETLoader) or 'Load Checkpoint' node (a custom loader does not record its file)")
+    kind = "checkpoint" if "checkpoint" in src["loader"] else "diffusion_model"
+    files = {"path": src["paths"][0], "kind": kind}
+    vsrc = comfy_glue.patcher_source(vae) if vae is not None else {}
+    if vae_name:
+        import folder_paths
+
+        files["vae"] = folder_paths.get_full_path_or_raise("vae", vae_name)
+    elif vsrc.get("paths"):
+        files["vae"] = vsrc["paths"][0]
+    elif kind == "checkpoint":
+        files["vae"] = files["path"]
+    else:
+        raise ValueError("cannot tell which file this VAE was loaded from: load it with the core 'Load VAE' node or "
+                         "type its file name in vae_name")
+    return files
+
+
+def encode_prompts(clip, prompts: list[str], path: Path) -> None:
+    """Encode each prompt with the node's CLIP once, in ComfyUI's process; the child reads the file."""
+    from egrpo_backend.atomic import atomic_save_safetensors
+
+    tensors, meta = {}, []
+    for i, p in enumerate(prompts):
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+        c, extra = cond[0][0], cond[0][1]
+        tensors[f"cond.{i}"] = c.detach().float().cpu().contiguous().clone()
+        if extra.get("pooled_output") is not None:
+            tensors[f"pooled.{i}"] = extra["pooled_output"].detach().float().cpu().contiguous().clone()
+        meta.append(p)
+    atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(meta)})
+
+
+class TrainLoraNode(io.ComfyNode):
+    """Starts an E-GRPO LoRA training job in the background and returns its JOB id within seconds."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EGRPOTrainLora", display_name="E-GRPO Train LoRA (background)", category=types.CATEGORY,
+            description="Creates a training job (a child process, one at a time) and returns at once; watch it in "
+                        "the E-GRPO sidebar or with an E-GRPO Job node.",
+            inputs=[
+                io.Combo.Input("source", options=SOURCES, default="default",
+                               tooltip="default = the embedded digits model (CPU, no inputs needed); comfy = the MODEL, "
+                                       "CLIP and VAE connected below (loaded again in the job with ComfyUI's loaders)."),
+                types.Reward.Input("reward", tooltip="What to maximise (a reward node or a combination)."),
+                io.String.Input("name", default="egrpo_lora", tooltip="LoRA file name (letters, digits, . _ -): it lands "
+                                                                    "in loras/egrpo/NAME.safetensors."),
+                io.Combo.Input("preset", options=_presets(), default="egrpo",
+                               tooltip="Algorithm: egrpo (paper), egrpo_fast, granular, dance, flowgrpo, flowgrpo_fast, "
+                                       "mixgrpo. The widgets below override the preset's values."),
+                io.Int.Input("iterations", default=20, min=1, max=100000, tooltip="Outer iterations (rollout -> reward "
+                                                                                   "-> update)."),
+                io.Int.Input("group_size", default=8, min=2, max=256, tooltip="G: images per group (same prompt, "
+                                                                               "same branch step)."),
+                io.Int.Input("prompts_per_iteration", default=2, min=1, max=1024, tooltip="Prompts rolled out per "
+                                                                                          "iteration."),
+                io.Int.Input("steps", default=16, min=2, max=1000, tooltip="T: sampling steps of the training grid."),
+                io.Float.Input("shift", default=3.0, min=0.01, max=100.0, step=0.01, tooltip="Timestep shift of the grid."),
+                io.Float.Input("eta", default=0.7, min=0.01, max=10.0, step=0.01, tooltip="SDE noise level a."),
+                io.Float.Input("tau", default=2.2, min=0.0, max=100.0, step=0.01, tooltip="Entropy threshold for "
+                                                                                            "merging (0 = off)."),
+                io.String.Input("active", default="0-7", tooltip="Trained (branch) steps: '0-7', '0,2,4', 'all'."),
+                io.Float.Input("lr", default=3e-4, min=1e-7, max=1.0, step=1e-5, tooltip="AdamW learning rate."),
+                io.Float.Input("clip_range", default=0.2, min=1e-6, max=10.0, step=1e-4,
+                               tooltip="PPO clip epsilon (paper 1e-4; a small LoRA learns faster with ~0.2)."),
+                io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of rollouts and prompt order; a new "
+                                                                              "seed starts a new job."),
+                types.Prompts.Input("prompts", optional=True, tooltip="Training prompts (E-GRPO Prompt List); optional "
+                                                                      "for the default model."),
+                io.Model.Input("model", optional=True, tooltip="source = comfy: the model to train (from Load "
+                                                               "Diffusion Model or Load Checkpoint)."),
+                io.Clip.Input("clip", optional=True, tooltip="source = comfy: encodes the prompts once, here."),
+                io.Vae.Input("vae", optional=True, tooltip="source = comfy: decodes rollouts for the reward."),
+                io.String.Input("vae_name", default="", optional=True, advanced=True,
+                                tooltip="source = comfy: VAE file name in models/vae when the VAE's file cannot be "
+                                        "found from the VAE input."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True, advanced=True,
+                               tooltip="Distilled guidance of guidance-embedded models (Flux-dev); ignored by others."),
+                types.Plan.Input("plan", optional=True, tooltip="An EGRPO_PLAN: its grid, eta, tau and active steps "
+                                                               "replace the widgets."),
+                io.Combo.Input("device", options=DEVICES, default="auto", optional=True, advanced=True,
+                               tooltip="Where the job trains (auto = CUDA when available)."),
+                io.String.Input("spec_overrides", default="", multiline=True, optional=True, advanced=True,
+                                tooltip="JSON merged into the job spec, e.g. {\"train\": {\"minibatches\": 4}}."),
+            ],
+            outputs=[types.Job.Output(display_name="job"), io.String.Output(display_name="job_id")],
+        )
+
+    @classmethod
+    def execute(cls, source, reward, name, preset, iterations, group_size, prompts_per_iteration, steps, shift, eta,
+                tau, active, lr, clip_range, lora_rank, seed, prompts=None, model=None, clip=None, vae=None,
+                vae_name="", guidance=3.5, plan=None, device="auto", spec_overrides="") -> io.NodeOutput:
+        from egrpo_backend.config import JobSpec
+        from egrpo_backend.paths import check_name
+
+        check_name(name, "name")
+        if not reward:
+            raise ValueError("connect a reward node (e.g. E-GRPO Reward: digit_probability)")
+        spec = build_spec(source=source, name=name, reward=reward, prompts=prompts, preset=preset, iterations=iterations,
+                          group_size=group_size, prompts_per_iteration=prompts_per_iteration, steps=steps, shift=shift,
+                          eta=eta, tau=tau, active=active, lr=lr, clip_range=clip_range, lora_rank=lora_rank, seed=seed,
+                          device=device, plan=plan, overrides=spec_overrides)
+        identity = {}
+        manager = get_manager()
+        if source == "comfy":
+            if model is None or clip is None or vae is None:
+                raise ValueError("source = comfy needs the MODEL, CLIP and VAE inputs connected")
+            if not prompts:
+                raise ValueError("source = comfy needs prompts: connect an E-GRPO Prompt List")
+            files = comfy_model_files(model, vae, vae_name)
+            identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
+            spec["model"].update(path=files["path"], comfy={"comfy_root": comfy_glue.comfy_root(), "kind": files["kind"],
+                                                              "vae": files["vae"], "guidance": guidance})
+        elif prompts is None:
+            spec["prompts"] = []
+        job_id = job_id_for(name, spec, identity)
+        job_dir = manager.job_dir(job_id)
+        if source == "comfy":
+            spec["model"]["comfy"]["cond_cache"] = str(job_dir / "conds.safetensors")
+        JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
+        if source == "comfy" and not (job_dir / "job.json").exists():
+            texts = list(prompts) + [p for p in spec.get("eval_prompts", []) if isinstance(p, str)]
+            texts.append(spec["algorithm"].get("negative_prompt", ""))
+            encode_prompts(clip, list(dict.fromkeys(texts)), job_dir / "conds.safetensors")
+        manager.submit(spec, job_id)
+        return io.NodeOutput(job_id, job_id)
+
+
+class JobNode(io.ComfyNode):
+    """A job's result: waits for it (or reports its state now), the LoRA name, the reward curve, the status."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="EGRPOJob", display_name="E-GRPO Job", category=types.CATEGORY,
+            inputs=[types.Job.Input("job", tooltip="A job from E-GRPO Train LoRA."),
+                    io.Boolean.Input("wait", default=True, tooltip="Wait for the job to end (Cancel in the queue stops "
+                                                                    "waiting, not the job); off = report its state now."),
+                    io.Int.Input("timeout_minutes", default=0, min=0, max=100000,
+                                 tooltip="Stop waiting after this many minutes (0 = no limit).")],
+            outputs=[io.String.Output(display_name="lora_name"), io.Image.Output(display_name="reward_curve"),
+                     io.String.Output(display_name="status")],
+        )
+
+    @classmethod
+    def execute(cls, job, wait=True, timeout_minutes=0) -> io.NodeOutput:
+        manager = get_manager()
+        info = manager.get(job)
+        if wait:
+            bar = comfy_glue.progress_bar(max(1, info["total"]))
+            deadline = time.time() + timeout_minutes * 60 if timeout_minutes else None
+            while info["status"] in ("queued", "running"):
+                bar.update_absolute(info["iteration"], max(1, info["total"]))
+                comfy_glue.check_interrupt()
+                if deadline and time.time() > deadline:
+                    break
+                time.sleep(manager.poll_seconds)
+                info = manager.get(job)
+            if info["status"] == "failed":
+                raise RuntimeError(f"E-GRPO job {job} failed: {info['message']}")
+        curve = manager.root / job / "reward_curve.png"
+        image = png_to_image(curve) if curve.is_file() else blank_image()
+        status = f"{info['status']}: iteration {info['iteration']}/{info['total']}"
+        if info.get("reward_mean") is not None:
+            status += f", reward {info['reward_mean']:.4f}"
+        if info.get("message"):
+            status += f"\n{info['message']}"
+        if info.get("lora"):
+            status += f"\nLoRA: {info['lora']}"
+        return io.NodeOutput(info.get("lora_name") or "", image, status)
+
+
+NODES = [TrainLoraNode, JobNode]

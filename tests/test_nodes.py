@@ -1,0 +1,156 @@
+"""Node-layer tests with ComfyUI's modules FAKED (tests/comfy_fakes.py): no ComfyUI is installed in CI.
+
+The nodes' `execute` is called directly, as ComfyUI's own node tests do; the sampler function is
+driven with a fake flow model that returns a fixed x0, so its arithmetic is checked exactly.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_fakes
+
+comfy_fakes.install()
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nodes import all_nodes, plan_nodes, prompt_nodes, reward_nodes, sampling, train_nodes  # noqa: E402
+from egrpo_backend.schedule import shifted_sigmas  # noqa: E402
+
+
+def test_every_node_has_category_and_tooltips():
+    """Faked comfy_api: every schema sits under E-GRPO and every input carries a tooltip."""
+    schemas = [n.define_schema() for n in all_nodes()]
+    ids = [s.node_id for s in schemas]
+    assert len(ids) == len(set(ids))
+    for s in schemas:
+        assert s.category.startswith("E-GRPO"), s.node_id
+        for i in s.inputs:
+            assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
+    assert {"EGRPOSampler", "EGRPOEntropyPlan", "EGRPOGroupPreview", "EGRPOPromptList", "EGRPOTrainLora",
+            "EGRPOJob", "EGRPOCombineRewards", "EGRPOReward_digit_probability"} <= set(ids)
+
+
+def test_entropy_plan_node_outputs_chart_table_and_plan():
+    """Faked comfy_api: a shifted 16-step grid gives an RGB chart, the backend's table and the plan."""
+    sigmas = torch.tensor(shifted_sigmas(16, 3.0))
+    out = plan_nodes.EntropyPlanNode.execute(sigmas, 0.7, 2.2, "0-7")
+    chart, table, plan = out.args
+    assert chart.ndim == 4 and chart.shape[0] == 1 and chart.shape[-1] == 3 and 0 <= chart.min() <= chart.max() <= 1
+    assert table == plan.table() and plan.active == list(range(8))
+
+
+def test_entropy_plan_node_rejects_non_flow_sigmas():
+    """Faked comfy_api: SD1.5-style sigmas (> 1) raise a message naming the fix."""
+    with pytest.raises(ValueError, match="flow-matching"):
+        plan_nodes.EntropyPlanNode.execute(torch.tensor([14.6, 3.0, 0.0]), 0.7, 2.2, "0")
+
+
+def test_sampler_node_returns_ksampler_with_options():
+    """Faked comfy.samplers.KSAMPLER: the node wraps sample_egrpo with the widget values."""
+    sampler = plan_nodes.SamplerNode.execute(0.5, 1.0, "0-2", "flow_grpo", 7).args[0]
+    assert sampler.sampler_function is sampling.sample_egrpo
+    assert sampler.extra_options == {"eta": 0.5, "tau": 1.0, "active": "0-2", "diffusion": "flow_grpo", "seed": 7}
+    with pytest.raises(ValueError, match="active"):
+        plan_nodes.SamplerNode.execute(0.5, 1.0, "zero", "flow_grpo", 7)
+
+
+class FixedX0Model:
+    """A fake denoiser: always predicts the same x0; records the sigmas it was called at."""
+
+    def __init__(self, x0):
+        self.x0, self.calls = x0, []
+
+    def __call__(self, x, sigma, **kw):
+        self.calls.append(float(sigma[0]))
+        return self.x0.expand_as(x)
+
+
+def test_sample_egrpo_all_ode_reaches_x0_exactly():
+    """With no SDE steps active, Euler on v = (x - x0) / sigma lands on x0 (flow ODE of a fixed x0)."""
+    x0 = torch.full((1, 4, 8, 8), 0.3)
+    sigmas = torch.tensor(shifted_sigmas(6, 3.0))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = FixedX0Model(x0)
+    # Only the last step is "active"; it lands on sigma = 0, so it returns x0 and adds no noise.
+    out = sampling.sample_egrpo(model, noise * sigmas[0], sigmas, eta=0.7, tau=0.0, active="5", seed=0)
+    assert torch.allclose(out, x0, atol=1e-6)
+    assert len(model.calls) == 6
+
+
+def test_sample_egrpo_merges_steps_and_is_seeded():
+    """A merged SDE step skips the grid points it spans; the same seed gives the same sample."""
+    x0 = torch.zeros(2, 1, 4, 4)
+    sigmas = torch.tensor(shifted_sigmas(8, 3.0))
+    plan = sampling.plan_for(sigmas, 0.7, 2.2, "0-3")
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    m1, m2 = FixedX0Model(x0), FixedX0Model(x0)
+    a = sampling.sample_egrpo(m1, x.clone(), sigmas, eta=0.7, tau=2.2, active="0-3", seed=5)
+    b = sampling.sample_egrpo(m2, x.clone(), sigmas, eta=0.7, tau=2.2, active="0-3", seed=5)
+    assert torch.equal(a, b)
+    expected_calls, i = [], 0
+    while i < plan.num_steps:
+        expected_calls.append(plan.sigmas[i])
+        i = plan.target(i) if plan.steps[i].kind == "sde" else i + 1
+    assert m1.calls == pytest.approx(expected_calls)
+
+
+def test_group_preview_branch_shares_prefix():
+    """branch_step: members start from member 0's noise and differ only through the branch noise."""
+    sigmas = torch.tensor(shifted_sigmas(6, 3.0))
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def model(x, sigma, **kw):  # x0 depends on the state, so a branch changes the result
+        return 0.5 * x
+
+    out = sampling.sample_egrpo(model, x, sigmas, eta=0.7, tau=0.0, seed=0, branch_step=5)  # branch on the last step
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])  # lands on sigma 0: no branch noise
+    out = sampling.sample_egrpo(model, x, sigmas, eta=0.7, tau=0.0, seed=0, branch_step=0)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_prompt_list_parses_text_and_file(tmp_path):
+    """Faked comfy_api; folder_paths absent: relative files are read from the working folder."""
+    f = tmp_path / "p.txt"
+    f.write_text("a handwritten digit one\n# comment\n\na handwritten digit two\n")
+    out = prompt_nodes.PromptListNode.execute("a handwritten digit three\n\n", str(f))
+    assert out.args == (["a handwritten digit three", "a handwritten digit one", "a handwritten digit two"], 3)
+    with pytest.raises(ValueError, match="empty"):
+        prompt_nodes.PromptListNode.execute("  \n# only a comment", "")
+    with pytest.raises(ValueError, match="not found"):
+        prompt_nodes.PromptListNode.execute("x", str(tmp_path / "missing.txt"))
+
+
+def test_reward_nodes_and_combine():
+    """Faked comfy_api: reward nodes emit spec entries; combine concatenates and refuses duplicates."""
+    nodes = {n.define_schema().node_id: n for n in reward_nodes.reward_nodes()}
+    a = nodes["EGRPOReward_jpeg_compressibility"].execute(0.5).args[0]
+    b = nodes["EGRPOReward_digit_probability"].execute(1.0).args[0]
+    combined = reward_nodes.CombineRewardsNode.execute(a, b).args[0]
+    assert combined == [{"name": "jpeg_compressibility", "weight": 0.5}, {"name": "digit_probability", "weight": 1.0}]
+    with pytest.raises(ValueError, match="twice"):
+        reward_nodes.CombineRewardsNode.execute(a, a)
+
+
+def test_score_images_node():
+    """Faked comfy_api: the JPEG reward scores a flat image above a noisy one."""
+    flat = torch.full((1, 32, 32, 3), 0.5)
+    noisy = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    text = reward_nodes.ScoreImagesNode.execute(torch.cat([flat, noisy]), [{"name": "jpeg_compressibility"}], "").args[0]
+    s0, s1 = (float(line.split(": ")[1]) for line in text.splitlines())
+    assert s0 > s1
+
+
+def test_train_spec_and_job_id_are_deterministic():
+    """The job id hashes the spec: same inputs, same id; a new seed, a new id."""
+    kw = dict(source="default", name="t", reward=[{"name": "digit_probability", "weight": 1.0}], prompts=None,
+              preset="egrpo", iterations=2, group_size=2, prompts_per_iteration=1, steps=6, shift=3.0, eta=0.7,
+              tau=2.2, active="0-1", lr=1e-3, clip_range=0.2, lora_rank=4, seed=0)
+    s1, s2, s3 = train_nodes.build_spec(**kw), train_nodes.build_spec(**kw), train_nodes.build_spec(**{**kw, "seed": 1})
+    assert train_nodes.job_id_for("t", s1, {}) == train_nodes.job_id_for("t", s2, {})
+    assert train_nodes.job_id_for("t", s1, {}) != train_nodes.job_id_for("t", s3, {})
+    over = train_nodes.build_spec(**kw, overrides='{"train": {"minibatches": 4}}')
+    assert over["train"]["minibatches"] == 4 and over["train"]["iterations"] == 2
+    with pytest.raises(ValueError, match="JSON"):
+        train_nodes.build_spec(**kw, overrides="{nope")
