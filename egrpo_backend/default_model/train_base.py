@@ -83,6 +83,9 @@ def train(args) -> list[dict]:
         # 1. batch: real digits, a random phrasing of each label, 10% "" for classifier-free guidance
         idx = torch.randint(0, x_all.shape[0], (args.batch_size,), generator=g)
         x0, digit = x_all[idx], labels[idx]
+        if args.caption_noise > 0:  # noisy captions: a base that draws clean digits, often not the named one
+            wrong = torch.rand(args.batch_size, generator=g) < args.caption_noise
+            digit = torch.where(wrong, torch.randint(0, 10, (args.batch_size,), generator=g), digit)
         row = torch.randint(0, len(TRAIN_TEMPLATES), (args.batch_size,), generator=g) * 10 + digit
         row = torch.where(torch.rand(args.batch_size, generator=g) < args.cond_dropout, empty_row, row)
         cond = {k: v[row] for k, v in table.items()}
@@ -122,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     p.add_argument("--t-sampling", choices=T_SAMPLING, default="uniform", help="training noise levels")
+    p.add_argument("--caption-noise", type=float, default=0.0,
+                   help="fraction of training prompts that name a random digit (weak prompt adherence, clean images)")
     p.add_argument("--cond-dropout", type=float, default=0.1, help="fraction of prompts replaced by ''")
     p.add_argument("--eval-every", type=int, default=50, help="steps between checkpoints + evaluations")
     p.add_argument("--eval-steps", type=int, default=16, help="Euler steps of the evaluation ODE")
