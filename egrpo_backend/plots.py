@@ -89,7 +89,8 @@ def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int
     for r in rows:
         a = (r.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, C, H, W]
         a = np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a[:, :3]
-        tiles.append(np.concatenate(list(a.transpose(0, 2, 3, 1)), axis=1))  # [H, N*W, 3]
+        a = np.pad(a, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=255)  # a white gap between images
+        tiles.append(np.concatenate(list(a.transpose(0, 2, 3, 1)), axis=1))  # [H, N*(W+1), 3]
     width = max(t.shape[1] for t in tiles)
     tiles = [np.pad(t, ((0, 2), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
     img = Image.fromarray(np.concatenate(tiles, axis=0))

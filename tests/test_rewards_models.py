@@ -545,3 +545,30 @@ def test_resize_crop_and_pad_match_torchvision_rules():
                                                    (1 - 0.40821073) / 0.27577711]))
     with pytest.raises(ValueError, match="1- or 3-channel"):
         preprocess(torch.rand(1, 4, 8, 8), 8)
+
+
+# ---------------------------------------------------------------- a model reward inside a job spec
+
+
+def test_model_reward_in_a_job_spec_with_per_reward_advantages(files, tmp_path):
+    """A real job (embedded default model) trains on digit_probability + hpsv2 from a reward folder,
+    each reward normalised within its groups (reward_mode per_reward)."""
+    import json as _json
+
+    from egrpo_backend.jobs import create_job, run_job
+
+    spec = {
+        "model": {"source": "default"}, "prompts": ["a handwritten digit two"],
+        "rewards": [{"name": "digit_probability", "weight": 1.0},
+                    {"name": "hpsv2", "weight": 0.5, "reward_dir": str(files["root"]), "vision_heads": 2, "text_heads": 2}],
+        "algorithm": {"steps": 4, "active": "0-1", "group_size": 2, "clip_range": 0.2, "reward_mode": "per_reward"},
+        "lora": {"rank": 2, "alpha": 2.0},
+        "train": {"iterations": 1, "prompts_per_iteration": 1, "evaluate": False, "device": "cpu"},
+        "output": {"name": "two"},
+    }
+    job = create_job(spec, tmp_path / "job")
+    result = run_job(job, progress=False)
+    assert result["status"] == "finished"
+    m = _json.loads((job / "metrics.json").read_text())["train"][0]
+    assert {"reward/digit_probability", "reward/hpsv2"} <= set(m)
+    assert _json.loads((job / "job.json").read_text())["rewards"][1]["name"] == "hpsv2"

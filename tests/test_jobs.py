@@ -1,0 +1,142 @@
+"""Job directories on the embedded default model: outputs, exact resume, SIGKILL recovery, cancel."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from egrpo_backend.jobs import create_job, read_events, read_status, request_cancel, resume_job, run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(iterations=4, **train):
+    return {
+        "model": {"source": "default"},
+        "prompts": ["a handwritten digit three", "a handwritten digit seven"],
+        "rewards": [{"name": "digit_probability"}],
+        "algorithm": {"steps": 6, "active": "0-1", "group_size": 3, "clip_range": 0.2},
+        "lora": {"rank": 2, "alpha": 2.0},
+        "train": {"iterations": iterations, "prompts_per_iteration": 1, "lr": 3e-3, "minibatches": 2,
+                  "checkpoint_every": 1, "evaluate": False, "device": "cpu", **train},
+        "output": {"name": "digits", "formats": ["peft", "kohya", "comfy"]},
+    }
+
+
+def lora_of(job_dir, name="digits.safetensors"):
+    return load_file(str(Path(job_dir) / "lora" / name))
+
+
+def assert_same_lora(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_job_outputs_and_events(tmp_path):
+    job = create_job(tiny_spec(iterations=2, sample_every=1), tmp_path / "job")
+    result = run_job(job, progress=False)
+    assert result["status"] == "finished" and result["iteration"] == 2
+    for name in ("job.json", "status.json", "events.jsonl", "plan.png", "reward_curve.png", "metrics.json",
+                 "lora/digits.safetensors", "lora/digits.kohya.safetensors", "lora/digits.comfy.safetensors",
+                 "samples/iter_000002.png"):
+        assert (job / name).is_file(), name
+    events, _ = read_events(job)
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "done" and types.count("metrics") == 2
+    m = next(e for e in events if e["type"] == "metrics")
+    for key in ("reward_mean", "reward_std", "adv_mean", "adv_std", "ratio_mean", "clip_frac", "grad_norm", "nfe",
+                "seconds", "eta_seconds", "total"):
+        assert key in m, key
+    assert read_status(job)["status"] == "finished"
+    keys = lora_of(job, "digits.kohya.safetensors").keys()
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert all(k.startswith("transformer.") for k in lora_of(job).keys())
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = create_job(tiny_spec(), tmp_path / "straight")
+    run_job(straight, progress=False)
+    split = create_job(tiny_spec(), tmp_path / "split")
+    assert run_job(split, until=2, progress=False)["status"] == "stopped"
+    assert read_status(split)["iteration"] == 2
+    assert resume_job(split, progress=False)["iteration"] == 4
+    assert_same_lora(lora_of(straight), lora_of(split))
+    hist_a = json.loads((straight / "metrics.json").read_text())["train"]
+    hist_b = json.loads((split / "metrics.json").read_text())["train"]
+    assert [h["reward_mean"] for h in hist_a] == [h["reward_mean"] for h in hist_b]
+
+
+def test_sigkill_mid_iteration_resumes_from_last_checkpoint(tmp_path):
+    straight = create_job(tiny_spec(iterations=5), tmp_path / "straight")
+    run_job(straight, progress=False)
+    job = create_job(tiny_spec(iterations=5), tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "egrpo_backend", "run", str(job), "--quiet"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, offset, seen = time.time() + 120, 0, []
+    while time.time() < deadline and child.poll() is None:
+        events, offset = read_events(job, offset)
+        seen += events
+        if any(e["type"] == "checkpoint" and e["iteration"] >= 2 for e in seen):
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the child finished before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert read_status(job)["status"] == "running"  # stale: the process died without a word
+    ckpt = json.loads((job / "checkpoints" / "latest.json").read_text())["iteration"]
+    assert 2 <= ckpt < 5
+    assert resume_job(job, progress=False)["iteration"] == 5
+    assert_same_lora(lora_of(straight), lora_of(job))
+
+
+def test_cancel_file_stops_after_the_current_iteration_with_a_usable_lora(tmp_path):
+    from egrpo_backend import lora
+    from egrpo_backend.default_model.model import load_default_transformer
+
+    job = create_job(tiny_spec(iterations=50), tmp_path / "job")
+    (job / "cancel").write_text("now")
+    result = run_job(job, progress=False)
+    assert result["status"] == "cancelled" and result["iteration"] == 1
+    assert read_status(job)["status"] == "cancelled" and not (job / "cancel").exists()
+    model = load_default_transformer()
+    lora.load_lora_file(model, job / "lora" / "digits.comfy.safetensors")  # loads cleanly
+    # And it resumes from there.
+    assert resume_job(job, until=2, progress=False)["iteration"] == 2
+
+
+def test_cancel_command_stops_a_running_child(tmp_path):
+    job = create_job(tiny_spec(iterations=200), tmp_path / "job")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "egrpo_backend", "run", str(job), "--quiet"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(e["type"] == "metrics" for e in read_events(job)[0]):
+        time.sleep(0.05)
+    subprocess.run([sys.executable, "-m", "egrpo_backend", "cancel", str(job)], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    assert child.wait(timeout=120) == 0, child.stderr.read()
+    status = read_status(job)
+    assert status["status"] == "cancelled" and 1 <= status["iteration"] < 200
+    assert Path(status["lora"]).is_file()
+
+
+def test_failure_is_recorded(tmp_path, monkeypatch):
+    from egrpo_backend.rewards import jpeg
+
+    job = create_job({**tiny_spec(iterations=2), "rewards": [{"name": "jpeg_compressibility"}]}, tmp_path / "job")
+    monkeypatch.setattr(jpeg, "jpeg_size_kb", lambda images, quality=95: torch.full((images.shape[0],), float("nan")))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        run_job(job, progress=False)
+    status = read_status(job)
+    assert status["status"] == "failed" and "NaN" in status["message"]
+    assert read_events(job)[0][-1]["type"] == "error"
+    assert not (job / "lora").exists()  # nothing half-written
