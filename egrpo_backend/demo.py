@@ -26,11 +26,13 @@ DEMO_SPEC = {
     "algorithm": {"preset": "egrpo", "steps": 16, "shift": 3.0, "eta": 0.7, "tau": 2.2, "active": "0-7",
                   "group_size": 8, "clip_range": 0.2},
     "lora": {"rank": 8, "alpha": 8.0},
-    "train": {"iterations": 40, "prompts_per_iteration": 2, "lr": 1e-3, "minibatches": 8, "checkpoint_every": 5,
-              "eval_every": 5, "diversity_guard": 0.96, "sample_every": 10, "seed": 0, "device": "cpu"},
+    "train": {"iterations": 30, "prompts_per_iteration": 2, "lr": 1e-3, "minibatches": 8, "checkpoint_every": 2,
+              "eval_every": 2, "diversity_guard": 0.955, "sample_every": 10, "seed": 0, "device": "cpu"},
     "output": {"name": "digits_egrpo", "formats": ["peft", "kohya", "comfy"]},
 }
-DRIFT_LIMIT = 0.05  # diversity and nearest-real distance must stay within 5% of the base model's
+# Reward hacking shows as collapse (less diversity) and drift (farther from real digits): neither may
+# get more than 5% worse than the base model's. Improvements (cleaner, more realistic digits) are fine.
+DRIFT_LIMIT = 0.05
 
 
 def heldout_report(policy, reward, pairs, sigmas) -> tuple[dict, "torch.Tensor"]:
@@ -92,11 +94,11 @@ def main(argv=None) -> int:
     train_seconds = time.perf_counter() - t0
 
     # Held-out comparison: the same prompts and seeds, LoRA off (base) and on.
-    print("evaluating base and LoRA on the held-out set (100 prompt x seed pairs, ODE sampling)...")
+    pairs = source_defaults(spec.model)["eval_pairs"]
+    print(f"evaluating base and LoRA on the held-out set ({len(pairs)} prompt x seed pairs, ODE sampling)...")
     policy = load_default_policy()
     lora.load_lora_file(policy.lora_model(), Path(result["lora"][0]))
     reward = build_reward("digit_probability")
-    pairs = source_defaults(spec.model)["eval_pairs"]
     sigmas = list(spec.algorithm.plan().sigmas)
     policy.set_lora_enabled(False)
     base, base_images = heldout_report(policy, reward, pairs, sigmas)
@@ -114,8 +116,8 @@ def main(argv=None) -> int:
     checks = {
         "gain >= 0.10": gain >= 0.10,
         "95% intervals do not overlap": tuned["reward_ci"][0] > base["reward_ci"][1],
-        "diversity within 5% of base": abs(tuned["diversity"] / base["diversity"] - 1) <= DRIFT_LIMIT,
-        "nearest-real distance within 5% of base": abs(tuned["nearest_real"] / base["nearest_real"] - 1) <= DRIFT_LIMIT,
+        "diversity at least 95% of base": tuned["diversity"] >= (1 - DRIFT_LIMIT) * base["diversity"],
+        "nearest-real distance at most 105% of base": tuned["nearest_real"] <= (1 + DRIFT_LIMIT) * base["nearest_real"],
     }
     history = result["history"]
     summary = {"base": base, "lora": tuned, "gain": gain, "checks": checks, "iterations": result["iteration"],
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
 
     def fmt(r):
         return (f"reward {r['reward_mean']:.3f} [{r['reward_ci'][0]:.3f}, {r['reward_ci'][1]:.3f}]  "
-                f"diversity {r['diversity']:.3f}  nearest-real {r['nearest_real']:.3f}")
+                f"diversity {r['diversity']:.3f} ({r['diversity'] / base['diversity'] - 1:+.1%})  "
+                f"nearest-real {r['nearest_real']:.3f} ({r['nearest_real'] / base['nearest_real'] - 1:+.1%})")
 
     print("\n=== E-GRPO demo summary ===")
     print(f"held-out base : {fmt(base)}")

@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..evaluation import bootstrap_ci
 from .digits import digit_of_prompt, heldout_eval_set
 from .metrics import nearest_real_distance, within_prompt_diversity
-
-BOOTSTRAP_SEED = 0  # fixed so the same per-sample scores always give the same interval
-
-
-def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = BOOTSTRAP_SEED) -> list[float]:
-    """Percentile bootstrap interval [lo, hi] of the mean of `values` (resampling samples)."""
-    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if v.numel() == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
-    means = v[idx].mean(1)
-    alpha = (1.0 - level) / 2
-    lo, hi = torch.quantile(means, torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64)).tolist()
-    return [lo, hi]
 
 
 def _sample_pairs(sample_fn, eval_set):
@@ -31,7 +17,7 @@ def _sample_pairs(sample_fn, eval_set):
 
 def _score(images: torch.Tensor, prompts: list[str], reward, n_boot: int) -> dict:
     scores = reward(images, prompts).double()
-    return {"mean": float(scores.mean()), "ci": bootstrap_ci(scores, n_boot), "per_sample": scores.tolist()}
+    return {"mean": float(scores.mean()), "ci": list(bootstrap_ci(scores, n_boot)), "per_sample": scores.tolist()}
 
 
 def heldout_reward(sample_fn, reward, n_boot: int = 1000, eval_set: list[tuple[str, int]] | None = None) -> dict:
@@ -46,7 +32,7 @@ def heldout_reward(sample_fn, reward, n_boot: int = 1000, eval_set: list[tuple[s
 def heldout_report(sample_fn, reward, n_boot: int = 1000, eval_set: list[tuple[str, int]] | None = None) -> dict:
     """heldout_reward plus the hacking guards on the same images.
 
-    Diversity groups images by the digit their prompt names (10 seeds per digit in the default set).
+    Diversity groups images by the digit their prompt names (20 seeds per digit in the default set).
     """
     prompts, images = _sample_pairs(sample_fn, eval_set)
     out = _score(images, prompts, reward, n_boot)

@@ -1,7 +1,7 @@
 """Reward-hacking guards: a hacked model collapses (low diversity) and drifts from real digits.
 
 Both use L2 distances between images in [0, 1] flattened to 256 values (16x16). On this scale real
-digits of one class are ~2.3 apart; a collapsed, reward-hacked model falls to ~1.1-1.4 while its
+digits of one class are ~3.4 apart; a collapsed, reward-hacked model falls well below that while its
 distance to the nearest real digit rises.
 """
 
@@ -11,33 +11,12 @@ from functools import lru_cache
 
 import torch
 
+from ..evaluation import within_prompt_diversity  # noqa: F401  (re-exported: the guards live together)
 from .digits import real_digits
 
 
 def _flat(images: torch.Tensor) -> torch.Tensor:
     return images.detach().double().cpu().reshape(images.shape[0], -1)
-
-
-def within_prompt_diversity(images: torch.Tensor, group_ids) -> float:
-    """Mean over groups of the mean pairwise L2 distance between images of the same group (prompt).
-
-    Groups with a single image are skipped; at least one group needs two images.
-    """
-    x = _flat(images)
-    ids = list(group_ids.tolist() if torch.is_tensor(group_ids) else group_ids)
-    if len(ids) != x.shape[0]:
-        raise ValueError(f"{x.shape[0]} images but {len(ids)} group ids")
-    per_group = []
-    for gid in dict.fromkeys(ids):
-        members = x[[i for i, g in enumerate(ids) if g == gid]]
-        n = members.shape[0]
-        if n < 2:
-            continue
-        d = torch.cdist(members, members)
-        per_group.append(d.sum() / (n * (n - 1)))  # the diagonal is 0
-    if not per_group:
-        raise ValueError("within_prompt_diversity needs at least one group with two or more images")
-    return float(torch.stack(per_group).mean())
 
 
 @lru_cache(maxsize=1)
