@@ -144,8 +144,8 @@ class TrainLoraNode(io.ComfyNode):
                 io.Float.Input("clip_range", default=0.2, min=1e-6, max=10.0, step=1e-4,
                                tooltip="PPO clip epsilon (paper 1e-4; a small LoRA learns faster with ~0.2)."),
                 io.Int.Input("lora_rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of rollouts and prompt order; a new "
-                                                                              "seed starts a new job."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed of rollouts and prompt order; a new seed starts a new job."),
                 types.Prompts.Input("prompts", optional=True, tooltip="Training prompts (E-GRPO Prompt List); optional "
                                                                       "for the default model."),
                 io.Model.Input("model", optional=True, tooltip="source = comfy: the model to train (from Load "

@@ -53,3 +53,19 @@ def test_workflow_is_consistent(path):
         for o in n["outputs"]:
             for lid in o["links"] or []:
                 assert lid in ids
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_widget_values_line_up_with_the_schema(path):
+    """The frontend adds a control_after_generate widget after every INT named seed / noise_seed, so
+    widgets_values holds one extra entry there; a missing one shifts every later value."""
+    for n in json.loads(path.read_text())["nodes"]:
+        if n["type"] not in OURS:
+            continue
+        inputs = OURS[n["type"]].inputs
+        expected = sum(i.io_type in WIDGET_TYPES for i in inputs)
+        expected += sum(i.io_type == "INT" and i.id in ("seed", "noise_seed") for i in inputs)
+        assert len(n.get("widgets_values", [])) == expected, (path.stem, n["type"])

@@ -1,0 +1,146 @@
+"""The E-GRPO sidebar panel (and the shared workflows) in the REAL ComfyUI frontend, in headless chromium.
+
+Runs when COMFYUI_PATH is set (conftest.py) AND node, a chromium and playwright-core are available;
+skipped with the reason printed otherwise. Setup (outside the repository):
+    apt-get install -y chromium                        # /usr/bin/chromium, or set $CHROMIUM
+    mkdir -p /tmp/browser && cd /tmp/browser && npm install playwright-core
+    # found at /tmp/browser/node_modules/playwright-core, or set $PLAYWRIGHT_CORE to its folder
+browser_panel.cjs opens the UI, finds the E-GRPO sidebar tab, queues the CPU training workflow through
+POST /api/prompt, watches the job's progress appear in the panel (websocket events), takes a
+screenshot ($EGRPO_PANEL_PNG, e.g. docs/panel.png; a temporary file otherwise; the canvas behind the
+panel shows workflows/egrpo_train_default_cpu.json, or $EGRPO_PANEL_WORKFLOW), clicks Cancel and waits
+for the panel to show the job cancelled; the REST API must agree.
+A second test loads every workflow in workflows/ into the real frontend and checks that each widget
+value lands on a widget of the right type (the frontend adds a `control_after_generate` widget after
+every INT input named `seed` or `noise_seed`, which shifts the values of a workflow that omits it).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from comfy_itest import training_prompt, wait_job
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+def _find_browser_tools():
+    node = shutil.which("node")
+    candidates = [os.environ["CHROMIUM"]] if os.environ.get("CHROMIUM") else [
+        "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")]
+    chromium = next((p for p in candidates if p and os.path.exists(p)), None)
+    pw = os.environ.get("PLAYWRIGHT_CORE") or "/tmp/browser/node_modules/playwright-core"
+    if node and not os.path.isdir(pw):
+        found = subprocess.run([node, "-e", "console.log(require('path').dirname(require.resolve('playwright-core/package.json')))"],
+                               capture_output=True, text=True)
+        pw = found.stdout.strip() if found.returncode == 0 else None
+    missing = [n for n, v in (("node", node), ("chromium", chromium), ("playwright-core", pw and os.path.isdir(pw))) if not v]
+    return node, chromium, pw, missing
+
+
+NODE, CHROMIUM, PLAYWRIGHT_CORE, MISSING = _find_browser_tools()
+if MISSING and os.environ.get("COMFYUI_PATH"):
+    print(f"tests/comfy_integration/test_browser_panel.py: skipped, missing {', '.join(MISSING)} "
+          "(apt-get install chromium; npm install playwright-core in /tmp/browser)", file=sys.stderr)
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"browser test needs {', '.join(MISSING)}")
+
+
+def _run_browser(cfg: dict, tmp_path: Path) -> dict:
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    run = subprocess.run([NODE, str(HERE / "browser_panel.cjs"), str(tmp_path / "cfg.json")], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PLAYWRIGHT_CORE": PLAYWRIGHT_CORE})
+    print("\n".join(l for l in run.stdout.splitlines() if not l.startswith("RESULT "))[-4000:], run.stderr[-2000:])
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
+    return json.loads(line[len("RESULT "):])
+
+
+def test_panel_shows_job_progress_and_cancels_it(comfy_server, tmp_path):
+    name = f"browser_{uuid.uuid4().hex[:6]}"
+    # long enough to watch and cancel; samples and held-out evaluations so the panel has all its parts
+    prompt = training_prompt(name, iterations=40, reward="digit_probability",
+                             overrides={"train": {"eval_every": 2, "sample_every": 1}})
+    shot = Path(os.environ.get("EGRPO_PANEL_PNG") or tmp_path / "panel.png").resolve()
+    workflow = Path(os.environ.get("EGRPO_PANEL_WORKFLOW") or REPO / "workflows" / "egrpo_train_default_cpu.json")
+    r = _run_browser({"url": comfy_server.url, "prompt": prompt, "jobName": name, "screenshot": str(shot), "chromium": CHROMIUM,
+                      "minIteration": 3, "timeoutMs": 240_000, "workflow": json.loads(workflow.read_text()),
+                      "screenshotAfter": str(tmp_path / "panel_cancelled.png")}, tmp_path)
+    assert "error" not in r, r
+    assert r["tab_button"]
+    assert "EGRPOTrainLora" in r["workflow_nodes"], r["workflow_nodes"]
+    assert "No jobs yet" in r["empty_text"]
+    assert r["job"].startswith(name)
+    assert r["progress_before_cancel"] > 0 and r["iteration_before_cancel"] >= 3
+    assert r["final_status"] == "cancelled"
+    assert shot.stat().st_size > 10_000
+    ours = [e for e in r["console_errors"] if "egrpo" in e.lower()]
+    assert not ours, ours
+    job = wait_job(comfy_server.url, r["job"], timeout=60)
+    print("job after cancel:", {k: job.get(k) for k in ("status", "iteration", "total", "lora_name", "resumable")})
+    assert job["status"] == "cancelled", job
+    assert 3 <= job["iteration"] < 40
+    assert job.get("lora"), job  # cancel leaves a usable LoRA
+    Path(job["lora"]).unlink(missing_ok=True)
+
+
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def _widget_problem(node_type, value, spec):
+    """What is wrong with `value` for the input spec [type, options] of object_info (None if fine)."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if isinstance(kind, list) or kind == "COMBO":
+        options = kind if isinstance(kind, list) else opts.get("options", [])
+        if not isinstance(value, str):
+            return f"combo value {value!r} is not a string"
+        if node_type.startswith("EGRPO") and value not in options:  # core loaders list files this server lacks
+            return f"{value!r} is not one of {options}"
+    elif kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return f"{value!r} is not a number"
+        if ("min" in opts and value < opts["min"]) or ("max" in opts and value > opts["max"]):
+            return f"{value} is outside [{opts.get('min')}, {opts.get('max')}]"
+        if kind == "INT" and value != int(value):
+            return f"{value} is not an integer"
+    elif kind == "STRING" and not isinstance(value, str):
+        return f"{value!r} is not a string"
+    elif kind == "BOOLEAN" and not isinstance(value, bool):
+        return f"{value!r} is not a boolean"
+    return None
+
+
+def test_workflows_load_in_the_frontend_with_values_on_the_right_widgets(comfy_server, tmp_path):
+    folder = Path(os.environ.get("EGRPO_WORKFLOWS_DIR") or REPO / "workflows")  # override: check candidate files
+    workflows = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    assert workflows, folder
+    r = _run_browser({"url": comfy_server.url, "chromium": CHROMIUM, "timeoutMs": 120_000,
+                      "checkWorkflows": workflows}, tmp_path)
+    assert "error" not in r, r
+    info = comfy_server.http("/api/object_info")
+    problems = []
+    for wf_name, nodes in r["workflows"].items():
+        for node in nodes:
+            where = f"{wf_name}: node {node['id']} {node['type']}"
+            if not node["has_class"] or node["type"] not in info:
+                problems.append(f"{where}: unknown node type")
+                continue
+            spec = info[node["type"]]["input"]
+            inputs = {**spec.get("required", {}), **spec.get("optional", {})}
+            for w in node["widgets"]:
+                if w["name"].endswith("control_after_generate"):
+                    bad = None if w["value"] in CONTROL_VALUES else f"{w['value']!r} is not one of {sorted(CONTROL_VALUES)}"
+                elif w["name"] in inputs:
+                    bad = _widget_problem(node["type"], w["value"], inputs[w["name"]])
+                else:
+                    continue  # frontend-only widgets (previews)
+                if bad:
+                    problems.append(f"{where}: widget {w['name']}: {bad}")
+    print("\n".join(problems) or "all widget values fit their widgets")
+    assert not problems, "\n".join(problems)
