@@ -112,6 +112,10 @@ def main(argv=None) -> int:
         shutil.copy(path, out / "lora" / Path(path).name)
     before_after_grid(base_images, tuned_images, pairs, out / "before_after.png")
 
+    from .jobs import read_events
+
+    guard = next((e for e in read_events(job)[0] if e["type"] == "guard"), None)
+    kept = guard["restored"] if guard else result["iteration"]
     gain = tuned["reward_mean"] - base["reward_mean"]
     checks = {
         "gain >= 0.10": gain >= 0.10,
@@ -121,6 +125,7 @@ def main(argv=None) -> int:
     }
     history = result["history"]
     summary = {"base": base, "lora": tuned, "gain": gain, "checks": checks, "iterations": result["iteration"],
+               "lora_iteration": kept, "guard": guard,
                "status": result["status"], "nfe": history[-1]["nfe_total"] if history else 0,
                "seconds": time.perf_counter() - t0, "train_seconds": train_seconds, "spec": spec_dict,
                "eval_during_training": result["eval"]}
@@ -134,8 +139,10 @@ def main(argv=None) -> int:
     print("\n=== E-GRPO demo summary ===")
     print(f"held-out base : {fmt(base)}")
     print(f"held-out LoRA : {fmt(tuned)}")
-    print(f"gain {gain:+.3f} after {result['iteration']} iterations ({summary['nfe']} model evaluations, "
-          f"{summary['seconds']:.0f} s, status {result['status']})")
+    print(f"gain {gain:+.3f}: LoRA of iteration {kept} ({summary['nfe']} model evaluations in {result['iteration']} "
+          f"iterations, {summary['seconds']:.0f} s)")
+    if guard:
+        print(f"reward-hacking guard: {guard['message']}")
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'FAIL'}] {name}")
     print(f"\noutputs in {out.resolve()}:")
