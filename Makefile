@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 # torch is pinned exactly (the CPU wheel on local disk); a looser pin pulls a multi-GB CUDA build.
 $(VENV)/.installed: requirements-pins.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-pins.txt
+	$(PY) -m pip install -qq --disable-pip-version-check -r requirements-pins.txt
 	touch $@
 
 test: venv

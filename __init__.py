@@ -32,6 +32,7 @@ if ComfyExtension is not None:
             from .nodes.job_manager import get_manager
             from .nodes.routes import add_routes
 
+            comfy_glue.reward_dirs()  # registers models/egrpo_rewards with ComfyUI's folder list
             routes = comfy_glue.prompt_server_routes()
             if routes is not None:
                 add_routes(routes, get_manager)

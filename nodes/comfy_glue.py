@@ -48,6 +48,20 @@ def loras_dir() -> Path:
     return (jobs_root().parent / "loras" / LORA_SUBDIR).resolve()
 
 
+REWARD_FOLDER = "egrpo_rewards"  # models/egrpo_rewards: reward model weights (see docs/rewards.md)
+
+
+def reward_dirs() -> list[str]:
+    """The folders reward model files are looked up in: ComfyUI's models/egrpo_rewards (registered
+    here, so extra_model_paths.yaml can add more), or [] outside ComfyUI."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    if REWARD_FOLDER not in getattr(fp, "folder_names_and_paths", {}):
+        fp.add_model_folder_path(REWARD_FOLDER, os.path.join(fp.models_dir, REWARD_FOLDER))
+    return list(fp.get_folder_paths(REWARD_FOLDER))
+
+
 def comfy_root() -> str:
     """ComfyUI's root folder (where main.py and comfy/ live), or '' outside ComfyUI."""
     fp = _folder_paths()

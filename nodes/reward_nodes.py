@@ -10,7 +10,7 @@ import logging
 
 from comfy_api.latest import io
 
-from . import types
+from . import comfy_glue, types
 from .images import image_to_nchw
 
 log = logging.getLogger("egrpo")
@@ -39,6 +39,15 @@ def available_rewards() -> list[str]:
         return list(FALLBACK_REWARDS)
 
 
+def _takes_reward_dir(name: str) -> bool:
+    try:
+        from egrpo_backend.rewards import reward_options
+
+        return "reward_dir" in reward_options(name)
+    except Exception:  # noqa: BLE001 - an unknown or broken reward simply gets no folder
+        return False
+
+
 def score_images(reward: list[dict], images, prompts: list[str]):
     """Weighted reward of ComfyUI IMAGEs [B, H, W, C] -> scores [B] (built in this process)."""
     from egrpo_backend.rewards import WeightedRewards, build_reward
@@ -61,7 +70,10 @@ def _reward_node(name: str) -> type[io.ComfyNode]:
 
         @classmethod
         def execute(cls, weight) -> io.NodeOutput:
-            return io.NodeOutput([{"name": name, "weight": float(weight)}])
+            entry = {"name": name, "weight": float(weight)}
+            if _takes_reward_dir(name):  # model-based rewards find their files in models/egrpo_rewards
+                entry["reward_dir"] = comfy_glue.reward_dirs()
+            return io.NodeOutput([entry])
 
     RewardNode.__name__ = RewardNode.__qualname__ = f"Reward_{name}"
     RewardNode.__doc__ = f"E-GRPO reward {name!r}: {HINTS.get(name, '')}"

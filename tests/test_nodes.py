@@ -133,6 +133,27 @@ def test_reward_nodes_and_combine():
         reward_nodes.CombineRewardsNode.execute(a, a)
 
 
+def test_model_reward_node_points_at_the_registered_reward_folder(tmp_path, monkeypatch):
+    """Faked comfy_api and a faked folder_paths: a model-based reward node registers
+    models/egrpo_rewards and passes it to the job spec as reward_dir; built-in rewards get none."""
+    import types as pytypes
+
+    fp = pytypes.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {}
+    fp.add_model_folder_path = lambda name, path: fp.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    nodes = {n.define_schema().node_id: n for n in reward_nodes.reward_nodes()}
+    entry = nodes["EGRPOReward_hpsv2"].execute(0.5).args[0][0]
+    assert entry == {"name": "hpsv2", "weight": 0.5, "reward_dir": [str(tmp_path / "models" / "egrpo_rewards")]}
+    assert "reward_dir" not in nodes["EGRPOReward_jpeg_compressibility"].execute(1.0).args[0][0]
+    # The entry is a valid job-spec reward: the spec validates it.
+    from egrpo_backend.config import JobSpec
+
+    JobSpec.from_dict({"model": {"source": "default"}, "rewards": [entry]})
+
+
 def test_score_images_node():
     """Faked comfy_api: the JPEG reward scores a flat image above a noisy one."""
     flat = torch.full((1, 32, 32, 3), 0.5)

@@ -1,4 +1,4 @@
-from .base import Reward, build_reward, check_scores, register_reward, reward_names
+from .base import Reward, build_reward, check_scores, register_reward, reward_names, reward_options
 from .combine import WeightedRewards
 
-__all__ = ["Reward", "WeightedRewards", "build_reward", "check_scores", "register_reward", "reward_names"]
+__all__ = ["Reward", "WeightedRewards", "build_reward", "check_scores", "register_reward", "reward_names", "reward_options"]

@@ -49,6 +49,16 @@ def build_reward(name: str, **options) -> Reward:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
 
 
+def reward_options(name: str) -> list[str]:
+    """The keyword options a registered reward's factory takes (e.g. path, reward_dir, device)."""
+    import inspect
+
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    return list(inspect.signature(_REGISTRY[name]).parameters)
+
+
 def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     """Every reward's output passes here: shape [B], finite, float32 on the CPU."""
     scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
