@@ -140,3 +140,23 @@ def test_failure_is_recorded(tmp_path, monkeypatch):
     assert status["status"] == "failed" and "NaN" in status["message"]
     assert read_events(job)[0][-1]["type"] == "error"
     assert not (job / "lora").exists()  # nothing half-written
+
+
+def test_diversity_guard_stops_and_restores_the_last_passing_lora(tmp_path, monkeypatch):
+    """The reward-hacking guard: when held-out diversity falls below guard x base, the run stops
+    and the LoRA of the last evaluation that passed is the one exported."""
+    from egrpo_backend import evaluation
+
+    diversities = iter([4.0, 3.9, 3.0, 3.0, 3.0])  # base, iteration 1 (passes), iteration 2 (collapse)
+
+    def fake_evaluate(policy, reward, pairs, sigmas, **kw):
+        return {"reward_mean": 0.5, "reward_ci": [0.4, 0.6], "diversity": next(diversities), "scores": [0.5]}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    job = create_job(tiny_spec(iterations=5, evaluate=True, eval_every=1, diversity_guard=0.9), tmp_path / "job")
+    result = run_job(job, progress=False)
+    assert result["status"] == "stopped" and result["iteration"] == 2
+    guard = [e for e in read_events(job)[0] if e["type"] == "guard"]
+    assert len(guard) == 1 and guard[0]["restored"] == 1 and guard[0]["diversity"] == 3.0
+    kept = load_file(str(job / "checkpoints" / "iter_000001" / "lora.safetensors"))
+    assert_same_lora(kept, lora_of(job, "digits.comfy.safetensors"))
