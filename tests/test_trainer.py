@@ -4,7 +4,7 @@ parameters change, the first inner update is on-policy (ratio = 1), and every pr
 import pytest
 import torch
 
-from conftest import make_policy
+from tiny_models import make_policy
 from egrpo_backend.config import JobSpec
 from egrpo_backend.lora import LoraSettings, add_lora
 from egrpo_backend.rewards import WeightedRewards, build_reward
@@ -80,7 +80,7 @@ def test_lr_schedule():
 def test_sana_transformer_trains():
     from diffusers import SanaTransformer2DModel
 
-    from conftest import ByteTextEncoder, make_tiny_vae
+    from tiny_models import ByteTextEncoder, make_tiny_vae
     from egrpo_backend.policies.diffusers_policy import DiffusersPolicy
 
     torch.manual_seed(0)
