@@ -238,7 +238,10 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     events = EventLog(job_dir)
     cancel = _CancelFlag(job_dir)
     write_status(job_dir, status="running", pid=os.getpid(), message="")
+    threads = torch.get_num_threads()
     try:
+        if spec.train.threads:  # the thread count changes float reduction order: part of a run's identity
+            torch.set_num_threads(spec.train.threads)
         result = _run(job_dir, spec, events, cancel, until, progress)
     except BaseException as e:
         msg = f"{type(e).__name__}: {e}"
@@ -247,6 +250,7 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
         raise
     finally:
         cancel.restore()
+        torch.set_num_threads(threads)
     return result
 
 
@@ -256,8 +260,6 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
     from .trainer import Trainer
 
     cfg = spec.train
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device))
     lora_lib.add_lora(policy.lora_model(), lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
