@@ -147,6 +147,7 @@ class TrainSpec:
     minibatches: int = 1  # optimizer steps per iteration per inner epoch (averaged mode)
     inner_epochs: int = 1  # passes over each rollout batch
     micro_batch: int = 16  # (group, step) units per forward with grad; bounds memory, not the math
+    rollout_batch: int = 64  # samples per no-grad forward in rollouts and evaluation; bounds memory
     checkpoint_every: int = 5  # iterations between checkpoints (and at the end / on cancel)
     evaluate: bool = True  # held-out evaluation (eval_prompts x eval_seeds, or the model's own set) at start and end
     eval_every: int = 0  # iterations between extra held-out evaluations; 0 = only at start and end
@@ -167,6 +168,7 @@ class TrainSpec:
         _range("train.minibatches", self.minibatches, 1)
         _range("train.inner_epochs", self.inner_epochs, 1)
         _range("train.micro_batch", self.micro_batch, 1)
+        _range("train.rollout_batch", self.rollout_batch, 1)
         _range("train.checkpoint_every", self.checkpoint_every, 1)
         _range("train.eval_every", self.eval_every, 0)
         _range("train.sample_every", self.sample_every, 0)

@@ -59,13 +59,13 @@ def within_prompt_diversity(images: torch.Tensor, groups: list) -> float:
 
 
 def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: list[float], *,
-             guidance_scale: float = 1.0, uncond=None, group_key=None) -> dict:
+             guidance_scale: float = 1.0, uncond=None, group_key=None, batch: int = 64) -> dict:
     """Held-out reward (mean, 95% CI) and within-group diversity of ODE samples.
 
     group_key(prompt) -> the group a sample's diversity is measured in (default: the prompt itself).
     """
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    images = sample_ode(policy, sigmas, prompts, seeds, guidance_scale=guidance_scale, uncond=uncond)
+    images = sample_ode(policy, sigmas, prompts, seeds, guidance_scale=guidance_scale, uncond=uncond, batch=batch)
     scores = reward(images, prompts)
     lo, hi = bootstrap_ci(scores)
     out = {"reward_mean": float(scores.mean()), "reward_ci": [lo, hi], "n": len(pairs), "scores": scores.tolist()}

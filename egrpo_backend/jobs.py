@@ -289,7 +289,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel, until, progress
         from .evaluation import evaluate
 
         res = evaluate(policy, reward, eval_pairs, list(plan.sigmas), guidance_scale=spec.algorithm.guidance_scale,
-                       uncond=trainer.uncond, group_key=defaults.get("group_key"))
+                       uncond=trainer.uncond, group_key=defaults.get("group_key"), batch=cfg.rollout_batch)
         entry = {"iteration": trainer.state.iteration, **{k: res[k] for k in ("reward_mean", "reward_ci", "diversity") if k in res}}
         eval_history.append(entry)
         events.emit("eval", **entry)

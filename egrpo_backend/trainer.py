@@ -116,7 +116,7 @@ class Trainer:
         ro = rollout(self.policy, self.plan, cond, prompts, starts, self.reward_fn, group_size=self.algo.group_size,
                      generator=gen, granularities=self.algo.granularities, window=self.algo.sde_window,
                      shared_noise=self.algo.shared_initial_noise, uncond=self.uncond,
-                     guidance_scale=self.algo.guidance_scale, chunk=max(self.cfg.micro_batch, 16))
+                     guidance_scale=self.algo.guidance_scale, chunk=self.cfg.rollout_batch)
         # 2. Advantages within each group: [NG, n_gran, G] -> [NG, G].
         per_reward = self.algo.reward_mode == "per_reward" and len(ro.components) > 1
         adv = advantages(ro.rewards, mode=self.algo.advantage, clip=self.algo.advantage_clip, group_prompt=ro.group_prompt,
