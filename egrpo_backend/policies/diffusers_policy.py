@@ -168,7 +168,12 @@ def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=t
             "save_pretrained or downloaded beforehand, e.g. stabilityai/stable-diffusion-3.5-medium); models load from local files only")
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    import json
+
+    # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None explicitly.
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **absent)
     transformer = pipe.transformer
     fam = detect_family(transformer) if family == "auto" else family
     vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
