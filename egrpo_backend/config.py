@@ -35,21 +35,60 @@ def _range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
 
 
 @dataclass
+class ComfySpec:
+    """Where a ComfyUI-loaded model's files are (model.source = "comfy"); the Train node fills it."""
+
+    comfy_root: str = ""  # ComfyUI's folder, put on sys.path in the job's child process
+    kind: str = "diffusion_model"  # what model.path is: diffusion_model (UNETLoader file) | checkpoint (all-in-one file)
+    vae: str = ""  # VAE file (or the checkpoint itself); "" = no VAE, images are a latent preview (tests only)
+    cond_cache: str = ""  # safetensors of the prompts' conds, encoded once by the node in ComfyUI's process
+    guidance: float = 3.5  # distilled guidance input (FLUX.1-dev); ignored by models without one
+    width: int = 512  # rollout image width in pixels
+    height: int = 512  # rollout image height in pixels
+
+    def validate(self) -> None:
+        _choice("model.comfy.kind", self.kind, COMFY_KINDS)
+        _range("model.comfy.guidance", self.guidance, 0)
+        for key in ("width", "height"):
+            value = getattr(self, key)
+            _range(f"model.comfy.{key}", value, 64, 4096)
+            if value % 16:
+                raise SpecError(f"model.comfy.{key} = {value} must be a multiple of 16 (latent patches are 2x2 of 8-px cells)")
+
+
+COMFY_KINDS = ("diffusion_model", "checkpoint")
+
+
+@dataclass
 class ModelSpec:
     source: str = "default"  # "default" (embedded digits model), "diffusers" (local folder), "comfy" (ComfyUI files)
     path: str = ""  # diffusers: pipeline folder (model_index.json) or transformer folder; comfy: diffusion model file
     family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
-    dtype: str = "auto"  # model weights/compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA), on, off
-    comfy: dict = field(default_factory=dict)  # comfy source: {"clip": [files], "clip_type": ..., "vae": file, "comfy_root": path}
+    dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
+    weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
+    comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
 
     def validate(self) -> None:
-        _choice("model.source", self.source, ("default", "diffusers", "comfy"))
-        _choice("model.family", self.family, ("auto", "sd3", "flux", "sana"))
-        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
+        from .policies import FAMILY_NAMES, SOURCES
+
+        _choice("model.source", self.source, SOURCES)
+        _choice("model.family", self.family, ("auto", *FAMILY_NAMES))
+        _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
+        _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
+        if self.source == "comfy":
+            self.comfy.validate()
+
+    def gradient_checkpointing_on(self, device) -> bool:
+        """auto: on for CUDA (memory), and always for comfy models, whose blocks add residuals in
+        place and so need recomputation to backpropagate at all (docs/memory.md)."""
+        if self.gradient_checkpointing != "auto":
+            return self.gradient_checkpointing == "on"
+        return device.type == "cuda" or self.source == "comfy"
 
 
 @dataclass
@@ -129,10 +168,14 @@ class LoraSpec:
     alpha: float = 8.0  # scale = alpha / rank
     target_modules: list = field(default_factory=list)  # module name suffixes; empty = attention projections of the model
     init_seed: int = 0  # seed of the LoRA A matrices (B starts at 0, so training starts at the base model)
+    dtype: str = "float32"  # LoRA weights and their AdamW state: float32 (default) | bfloat16 (halves their memory)
 
     def validate(self) -> None:
+        from .dtypes import LORA_DTYPES
+
         _range("lora.rank", self.rank, 1, 1024)
         _range("lora.alpha", self.alpha, 0, lo_open=True)
+        _choice("lora.dtype", self.dtype, tuple(LORA_DTYPES))
 
 
 @dataclass
@@ -148,6 +191,7 @@ class TrainSpec:
     inner_epochs: int = 1  # passes over each rollout batch
     micro_batch: int = 16  # (group, step) units per forward with grad; bounds memory, not the math
     rollout_batch: int = 64  # samples per no-grad forward in rollouts and evaluation; bounds memory
+    decode_batch: int = 8  # images per VAE decode and per reward call; bounds memory of the scoring phase
     checkpoint_every: int = 5  # iterations between checkpoints (and at the end / on cancel)
     evaluate: bool = True  # held-out evaluation (eval_prompts x eval_seeds, or the model's own set) at start and end
     eval_every: int = 0  # iterations between extra held-out evaluations; 0 = only at start and end
@@ -169,6 +213,7 @@ class TrainSpec:
         _range("train.inner_epochs", self.inner_epochs, 1)
         _range("train.micro_batch", self.micro_batch, 1)
         _range("train.rollout_batch", self.rollout_batch, 1)
+        _range("train.decode_batch", self.decode_batch, 1)
         _range("train.checkpoint_every", self.checkpoint_every, 1)
         _range("train.eval_every", self.eval_every, 0)
         _range("train.sample_every", self.sample_every, 0)

@@ -38,6 +38,7 @@ import torch
 from . import lora as lora_lib
 from .atomic import atomic_write_json
 from .config import JobSpec, SpecError
+from .cancel import CancelFlag
 from .paths import check_name
 
 log = logging.getLogger(__name__)
@@ -208,35 +209,12 @@ def _lora_file_name(spec: JobSpec, fmt: str) -> str:
 
 
 # --- running ---------------------------------------------------------------------------------------
-class _CancelFlag:
-    """SIGTERM / SIGINT or a `cancel` file in the job dir: stop after the current iteration."""
-
-    def __init__(self, job_dir):
-        self.file, self.signalled = Path(job_dir) / "cancel", False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a server): the file still works
-                pass
-
-    def _handle(self, *_):
-        self.signalled = True
-
-    def __bool__(self):
-        return self.signalled or self.file.exists()
-
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     """Run (or continue from the last checkpoint) until the spec's iterations, `until`, or a cancel."""
     job_dir = Path(job_dir)
     spec = load_spec(job_dir)
     events = EventLog(job_dir)
-    cancel = _CancelFlag(job_dir)
+    cancel = CancelFlag(job_dir)
     write_status(job_dir, status="running", pid=os.getpid(), message="")
     threads = torch.get_num_threads()
     try:

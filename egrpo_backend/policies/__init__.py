@@ -7,6 +7,7 @@ import torch
 from .base import Cond, FlowPolicy, cond_batch, cond_cat, cond_select
 
 SOURCES = ("default", "diffusers", "comfy")
+FAMILY_NAMES = ("sd3", "flux", "sana")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -19,14 +20,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    from ..dtypes import resolve_compute_dtype
+
+    return resolve_compute_dtype(name, device)
 
 
 def build_policy(model_spec, device: torch.device, dtype: torch.dtype) -> FlowPolicy:
     """A FlowPolicy for ModelSpec.source (default | diffusers | comfy)."""
-    ckpt = model_spec.gradient_checkpointing == "on" or (model_spec.gradient_checkpointing == "auto" and device.type == "cuda")
+    ckpt = model_spec.gradient_checkpointing_on(device)
     if model_spec.source == "default":
         from ..default_model.policy import load_default_policy
 
@@ -51,5 +52,5 @@ def source_defaults(model_spec) -> dict:
     return {}
 
 
-__all__ = ["Cond", "FlowPolicy", "SOURCES", "build_policy", "cond_batch", "cond_cat", "cond_select",
+__all__ = ["Cond", "FlowPolicy", "FAMILY_NAMES", "SOURCES", "build_policy", "cond_batch", "cond_cat", "cond_select",
            "resolve_device", "resolve_dtype", "source_defaults"]

@@ -1,12 +1,9 @@
 """The comfy FlowPolicy: a model loaded by ComfyUI's own loaders (comfy.sd), trained with our LoRA.
 
 Runs only inside a job's child process; ComfyUI is imported here and nowhere else in the engine.
-model_spec.path is the diffusion-model (or checkpoint) file; model_spec.comfy holds
-  comfy_root  ComfyUI's folder (put on sys.path)            kind  "diffusion_model" | "checkpoint"
-  vae         VAE (or checkpoint) file; "" = no VAE: images are a latent preview (tests only)
-  cond_cache  safetensors of prompt conds encoded in ComfyUI's process: cond.{i}, pooled.{i},
-              metadata "prompts" = JSON list (prompt i)   guidance  distilled guidance (Flux-dev)
-  width, height  image size of the rollouts (default 512)
+model_spec.path is the diffusion-model (or checkpoint) file; model_spec.comfy (config.ComfySpec)
+says where the rest is. The cond cache holds cond.{i}, pooled.{i} and the metadata "prompts"
+(a JSON list: prompt i), encoded once in ComfyUI's process by the Train node.
 Conventions (policies/base.py): latents are the model's own space (ComfyUI's process_latent_in),
 ComfyUI's model returns the denoised x0, so v = (x - x0) / sigma; the LoRA sits on
 `BaseModel.diffusion_model`, so exported kohya keys are `lora_unet_<BFL path>`, which ComfyUI's
@@ -128,15 +125,15 @@ class ComfyPolicy:
 
 
 def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> ComfyPolicy:
-    opts = dict(model_spec.comfy or {})
-    _import_comfy(opts.get("comfy_root", ""), device)
+    opts = model_spec.comfy
+    _import_comfy(opts.comfy_root, device)
     import comfy.sd
     import comfy.utils
 
     path = model_spec.path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path} (model.path must be a diffusion model or checkpoint file)")
-    kind = opts.get("kind", "diffusion_model")
+    kind = opts.kind
     if kind == "checkpoint":
         patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
     else:
@@ -149,14 +146,14 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
         _checkpoint_blocks(base.diffusion_model)
 
     vae = None
-    vae_path = opts.get("vae", "")
+    vae_path = opts.vae
     if vae_path:
         if kind == "checkpoint" and vae_path == path:
             vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=False, output_model=False)[2]
         else:
             vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
 
-    cache = opts.get("cond_cache", "")
+    cache = opts.cond_cache
     if not cache or not os.path.isfile(cache):
         raise FileNotFoundError(f"prompt cond cache not found: {cache!r}; the E-GRPO Train LoRA node writes it "
                                 "(conds.safetensors in the job folder)")
@@ -168,6 +165,6 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
 
     channels = base.latent_format.latent_channels
     ratio = vae.downscale_ratio if vae is not None and isinstance(getattr(vae, "downscale_ratio", None), int) else 8
-    h, w = int(opts.get("height", 512)), int(opts.get("width", 512))
+    h, w = opts.height, opts.width
     latent_shape = (channels, h // ratio, w // ratio)
-    return ComfyPolicy(base, vae, conds, prompts, latent_shape, device, float(opts.get("guidance", 3.5)))
+    return ComfyPolicy(base, vae, conds, prompts, latent_shape, device, opts.guidance)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .. import lora as lora_lib
+from . import FAMILY_NAMES
 from .base import Cond
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def _sana_forward(model, x, sigma, cond):
 
 
 FAMILIES: dict[str, Callable] = {"sd3": _sd3_forward, "flux": _flux_forward, "sana": _sana_forward}
+assert tuple(FAMILIES) == FAMILY_NAMES, "policies.FAMILY_NAMES (used by spec validation) must list FAMILIES"
 
 
 def detect_family(transformer) -> str:
