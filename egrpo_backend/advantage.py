@@ -11,6 +11,7 @@ import torch
 
 EPS = 1e-8
 ADVANTAGE_MODES = ("group", "prompt_mean_batch_std")
+REWARD_MODES = ("weighted_sum", "per_reward")  # several rewards: sum them, or normalise each and sum advantages
 
 
 def normalise(rewards: torch.Tensor, mode: str = "group", group_prompt: torch.Tensor | None = None) -> torch.Tensor:

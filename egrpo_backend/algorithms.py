@@ -7,6 +7,8 @@ paper's E-GRPO (tau 2.2, first 8 of 16 steps, one merged SDE step per group, cli
 
 from __future__ import annotations
 
+import torch
+
 PRESETS: dict[str, dict] = {
     # The paper: one group per active step, consolidated SDE step, ODE elsewhere.
     "egrpo": {},
@@ -32,9 +34,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_defaults(name: str) -> dict:
-    if name not in PRESETS:
-        from .config import SpecError
+BRANCH_KINDS = ("active", "sample_active", "random", "sliding", "first")
+BRANCH_WEIGHTINGS = ("uniform", "entropy")
 
-        raise SpecError(f"algorithm.preset = {name!r} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
-    return dict(PRESETS[name])
+
+def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]:
+    """Where this iteration's groups branch (AlgorithmSpec.branch, one of BRANCH_KINDS)."""
+    active = plan.active
+    k = min(spec.branches_per_prompt, len(active))
+    if spec.branch == "active":
+        return active
+    if spec.branch == "first":
+        return [active[0]]
+    if spec.branch == "sliding":
+        return [active[(iteration // spec.slide_every) % len(active)]]
+    if spec.branch == "random":
+        pick = torch.randperm(len(active), generator=gen)[:k]
+    else:  # sample_active
+        if spec.branch_weighting == "entropy":
+            w = torch.tensor([plan.steps[i].merged_entropy for i in active], dtype=torch.float64)
+        else:
+            w = torch.ones(len(active), dtype=torch.float64)
+        pick = torch.multinomial(w, k, replacement=False, generator=gen)
+    return sorted(active[i] for i in pick.tolist())

@@ -91,9 +91,14 @@ class ModelSpec:
         return device.type == "cuda" or self.source == "comfy"
 
 
-@dataclass
+@dataclass(init=False)
 class AlgorithmSpec:
-    """E-GRPO and the baselines are settings of one engine (algorithms.py has the presets)."""
+    """E-GRPO and the baselines are settings of one engine (algorithms.py has the presets).
+
+    The defaults below are the paper's E-GRPO. Constructing `AlgorithmSpec(preset="dance", eta=0.5)`
+    starts from these, applies the preset's values, then the given ones, whoever constructs it
+    (a spec file, a node, a test), so a preset can never silently run as E-GRPO.
+    """
 
     preset: str = "egrpo"  # named preset the other fields override (see algorithms.PRESETS)
     steps: int = 16  # T, sampling steps of the shifted grid
@@ -121,30 +126,45 @@ class AlgorithmSpec:
     guidance_scale: float = 1.0  # classifier-free guidance in rollouts and updates; 1 = off
     negative_prompt: str = ""  # unconditional prompt for CFG
 
-    def validate(self) -> None:
+    def __init__(self, preset: str = "egrpo", **values):
         from .algorithms import PRESETS
 
-        _choice("algorithm.preset", self.preset, tuple(PRESETS))
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise SpecError(f"algorithm.preset = {preset!r} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(self) if f.name != "preset"}
+        unknown = sorted(set(values) - set(defaults))
+        if unknown:
+            raise SpecError(f"unknown key 'algorithm.{unknown[0]}'; allowed keys: preset, {', '.join(defaults)}")
+        self.preset = preset
+        for key, value in {**defaults, **PRESETS[preset], **values}.items():
+            setattr(self, key, list(value) if isinstance(value, list) else value)
+
+    def validate(self) -> None:
+        from .advantage import ADVANTAGE_MODES, REWARD_MODES
+        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS
+        from .schedule import DIFFUSION_KINDS
+        from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
         _range("algorithm.shift", self.shift, 0, lo_open=True)
         _range("algorithm.eta", self.eta, 0, lo_open=True)
-        _choice("algorithm.diffusion", self.diffusion, ("flow_grpo", "constant"))
+        _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
         _range("algorithm.group_size", self.group_size, 2, 1024)
         if not self.granularities or any(not isinstance(g, int) or g < 1 for g in self.granularities):
             raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {self.granularities!r}")
-        _choice("algorithm.branch", self.branch, ("active", "sample_active", "random", "sliding", "first"))
+        _choice("algorithm.branch", self.branch, BRANCH_KINDS)
         _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
-        _choice("algorithm.branch_weighting", self.branch_weighting, ("uniform", "entropy"))
+        _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
         _range("algorithm.slide_every", self.slide_every, 1)
         _range("algorithm.sde_window", self.sde_window, 0)
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
-        _choice("algorithm.advantage", self.advantage, ("group", "prompt_mean_batch_std"))
+        _choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
         _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
-        _choice("algorithm.reward_mode", self.reward_mode, ("weighted_sum", "per_reward"))
+        _choice("algorithm.reward_mode", self.reward_mode, REWARD_MODES)
         _range("algorithm.clip_range", self.clip_range, 0, lo_open=True)
         _range("algorithm.kl_beta", self.kl_beta, 0)
-        _choice("algorithm.update_mode", self.update_mode, ("averaged", "per_step"))
+        _choice("algorithm.update_mode", self.update_mode, UPDATE_MODES)
         _range("algorithm.guidance_scale", self.guidance_scale, 0)
         try:
             self.plan()
@@ -237,9 +257,11 @@ class OutputSpec:
         except ValueError as e:
             raise SpecError(str(e)) from None
         if not self.formats:
-            raise SpecError("output.formats is empty; valid values: 'kohya', 'peft', 'comfy'")
+            raise SpecError("output.formats is empty; give one or more of 'kohya', 'peft', 'comfy'")
+        from .lora import FORMATS
+
         for f in self.formats:
-            _choice("output.formats[]", f, ("kohya", "peft", "comfy"))
+            _choice("output.formats[]", f, FORMATS)
 
 
 @dataclass
@@ -330,10 +352,6 @@ def _build(cls, data, prefix: str):
         raise SpecError(f"unknown key '{prefix}{unknown[0]}'{where}; allowed keys: {allowed}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    if cls is AlgorithmSpec:
-        from .algorithms import preset_defaults
-
-        kwargs.update(preset_defaults(data.get("preset", "egrpo")))
     for k, v in data.items():
         t = hints[k]
         if dataclasses.is_dataclass(t):

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 import traceback
 from pathlib import Path
@@ -37,109 +36,14 @@ import torch
 
 from . import lora as lora_lib
 from .atomic import atomic_write_json
-from .config import JobSpec, SpecError
 from .cancel import CancelFlag
+from .config import JobSpec, SpecError
+from .job_folder import (STATUSES, EventLog, create_job, load_spec, pid_alive, read_events, read_json, read_status,
+                         request_cancel, write_status)
 from .paths import check_name
 
 log = logging.getLogger(__name__)
-STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
 KEEP_CHECKPOINTS = 2
-
-
-# --- files -------------------------------------------------------------------------------------
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
-
-
-def read_status(job_dir) -> dict:
-    return read_json(Path(job_dir) / "status.json", {"status": "created"})
-
-
-def write_status(job_dir, **fields) -> dict:
-    status = {**read_status(job_dir), **fields, "updated": time.time()}
-    atomic_write_json(Path(job_dir) / "status.json", status)
-    return status
-
-
-def read_events(job_dir, offset: int = 0) -> tuple[list[dict], int]:
-    """Events from byte `offset` on, and the offset after the last complete line (for tailing)."""
-    path = Path(job_dir) / "events.jsonl"
-    if not path.exists():
-        return [], offset
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    end = data.rfind(b"\n") + 1  # a line cut by a crash is left for later (or forever)
-    events = []
-    for line in data[:end].splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events, offset + end
-
-
-class EventLog:
-    def __init__(self, job_dir):
-        self.path = Path(job_dir) / "events.jsonl"
-
-    def emit(self, type: str, **data) -> dict:
-        event = {"type": type, "time": time.time(), **data}
-        line = json.dumps(event, default=float) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        return event
-
-
-def load_spec(job_dir) -> JobSpec:
-    path = Path(job_dir) / "job.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json); create one with `train SPEC --out DIR`")
-    return JobSpec.from_file(path)
-
-
-def create_job(spec: JobSpec | dict, job_dir) -> Path:
-    """Validate the spec and write job.json into a new (or empty) directory."""
-    job_dir = Path(job_dir)
-    if isinstance(spec, dict):
-        spec = JobSpec.from_dict(spec)
-    if (job_dir / "job.json").exists():
-        raise FileExistsError(f"{job_dir} already holds a job; use `resume {job_dir}` or choose another --out")
-    try:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        probe = job_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"cannot write the job directory {job_dir}: {e.strerror}; choose a writable --out") from None
-    data = spec.to_dict()
-    # Relative files in the spec were resolved against its folder: keep them findable from the job.
-    if isinstance(spec.prompts, dict):
-        data["prompts"] = spec.prompt_list()
-    if isinstance(spec.eval_prompts, dict):
-        data["eval_prompts"] = spec.prompt_list(eval=True)
-    atomic_write_json(job_dir / "job.json", data)
-    write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
-    return job_dir
-
-
-def request_cancel(job_dir) -> None:
-    """Ask a running job to stop after its current iteration (it writes a usable LoRA)."""
-    job_dir = Path(job_dir)
-    if not (job_dir / "job.json").exists():
-        raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json)")
-    (job_dir / "cancel").write_text(str(time.time()))
-    pid = read_status(job_dir).get("pid")
-    if pid and read_status(job_dir).get("status") == "running":
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -358,21 +262,11 @@ def _write_reports(job_dir: Path, history: list, eval_history: list) -> None:
 def resume_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     job_dir = Path(job_dir)
     status = read_status(job_dir)
-    if status.get("status") == "running" and _pid_alive(status.get("pid")):
+    if status.get("status") == "running" and pid_alive(status.get("pid")):
         raise RuntimeError(f"job {job_dir} is already running (pid {status['pid']}); cancel it first")
     (job_dir / "cancel").unlink(missing_ok=True)
     return run_job(job_dir, until=until, progress=progress)
 
 
-def _pid_alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ProcessLookupError, PermissionError, ValueError):
-        return False
-
-
-__all__ = ["EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec", "read_events",
+__all__ = ["STATUSES", "EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec", "read_events",
            "read_status", "request_cancel", "resume_job", "run_job"]

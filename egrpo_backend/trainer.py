@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .advantage import advantages
+from .algorithms import branch_starts
 from .config import JobSpec
 from .guidance import guided_velocity
 from .objective import clipped_objective
@@ -23,6 +24,7 @@ from .rewards.combine import WeightedRewards
 from .sde import gaussian_kl, sde_step
 
 log = logging.getLogger(__name__)
+UPDATE_MODES = ("averaged", "per_step")  # averaged: one loss over all active steps (paper); per_step: an optimizer step each (authors' code)
 
 
 def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int) -> float:
@@ -42,27 +44,6 @@ def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Gen
 
     Offset by 2**40 so training never draws from the small seeds held-out evaluations use."""
     return torch.Generator().manual_seed(2**40 + (seed * 1_000_003 + iteration) * 7 + stream)
-
-
-def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]:
-    """Where this iteration's groups branch (AlgorithmSpec.branch)."""
-    active = plan.active
-    k = min(spec.branches_per_prompt, len(active))
-    if spec.branch == "active":
-        return active
-    if spec.branch == "first":
-        return [active[0]]
-    if spec.branch == "sliding":
-        return [active[(iteration // spec.slide_every) % len(active)]]
-    if spec.branch == "random":
-        pick = torch.randperm(len(active), generator=gen)[:k]
-    else:  # sample_active
-        if spec.branch_weighting == "entropy":
-            w = torch.tensor([plan.steps[i].merged_entropy for i in active], dtype=torch.float64)
-        else:
-            w = torch.ones(len(active), dtype=torch.float64)
-        pick = torch.multinomial(w, k, replacement=False, generator=gen)
-    return sorted(active[i] for i in pick.tolist())
 
 
 @dataclass

@@ -51,7 +51,7 @@ class _Running:
     def returncode(self) -> int | None:
         if self.proc is not None:
             return self.proc.poll()
-        return None if backend_jobs._pid_alive(self.pid) else -1  # adopted: exit status unknown
+        return None if backend_jobs.pid_alive(self.pid) else -1  # adopted: exit status unknown
 
 
 class JobManager:
@@ -253,7 +253,7 @@ class JobManager:
             status = backend_jobs.read_status(path)
             if status.get("status") == "running":
                 pid = status.get("pid")
-                if backend_jobs._pid_alive(pid) and self._running is None:
+                if backend_jobs.pid_alive(pid) and self._running is None:
                     with self._lock:
                         self._running = _Running(path.name, None, int(pid))
                         self._running.offset = path.joinpath("events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from egrpo_backend.advantage import advantages
-from egrpo_backend.config import JobSpec
+from egrpo_backend.algorithms import PRESETS
+from egrpo_backend.config import AlgorithmSpec, JobSpec
 from egrpo_backend.rollout import rollout
-from egrpo_backend.trainer import branch_starts
+from egrpo_backend.algorithms import branch_starts
 from test_rollout import CountingPolicy, mean_pixel
 
 
@@ -107,3 +108,16 @@ def test_presets_are_overridable_and_validated():
     assert algo("dance", eta=0.5).eta == 0.5
     with pytest.raises(ValueError, match="preset"):
         algo("grpo")
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_applies_however_the_spec_is_built(preset):
+    """AlgorithmSpec(preset=...) built directly equals the same preset loaded from a dict."""
+    direct = AlgorithmSpec(preset=preset)
+    loaded = JobSpec.from_dict({"algorithm": {"preset": preset}}).algorithm
+    assert direct == loaded
+    for key, value in PRESETS[preset].items():
+        assert getattr(direct, key) == value, key
+    # An explicit value wins over the preset's, in both constructions.
+    assert AlgorithmSpec(preset=preset, eta=0.55).eta == 0.55
+    assert JobSpec.from_dict({"algorithm": {"preset": preset, "eta": 0.55}}).algorithm.eta == 0.55
