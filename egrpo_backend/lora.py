@@ -71,6 +71,7 @@ class LoraSettings:
     alpha: float = 8.0  # scale of the update is alpha / rank (alpha = rank: scale 1)
     target_modules: list[str] | None = None  # Linear module names or name suffixes ("to_q", "attn.to_out.0"); None = default_target_modules(model)
     dropout: float = 0.0  # dropout on the LoRA input during training (0 keeps rollouts and updates consistent)
+    dtype: str = "float32"  # LoRA weights (and so their AdamW state): float32 | bfloat16, whatever the base's dtype
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -87,6 +88,10 @@ class LoraSettings:
                 )
             if not self.target_modules:
                 raise ValueError("LoRA target_modules is empty; use None for the default attention projections")
+        from .dtypes import LORA_DTYPES
+
+        if self.dtype not in LORA_DTYPES:
+            raise ValueError(f"LoRA dtype {self.dtype!r} is not allowed; valid values: {', '.join(map(repr, LORA_DTYPES))}")
 
 
 class LoraTensors(NamedTuple):
@@ -224,6 +229,13 @@ def _inject(
     )
     with torch.random.fork_rng(devices=[]):  # peft's own init draws from the global RNG
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    # peft gives the adapter its base layer's dtype: fp8 for a base stored in fp8 (docs/memory.md).
+    # The adapter trains in its own dtype instead; the base layer's casting never touches it.
+    from .dtypes import LORA_DTYPES
+
+    for layer in _lora_layers(model).values():
+        layer.lora_A[ADAPTER].to(LORA_DTYPES[settings.dtype])
+        layer.lora_B[ADAPTER].to(LORA_DTYPES[settings.dtype])
 
     # Our own init from a private generator, in module order: same seed -> same LoRA on any device.
     gen = torch.Generator().manual_seed(seed)
