@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .base import Cond, FlowPolicy, cond_batch, cond_cat, cond_select
@@ -25,8 +27,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_compute_dtype(name, device)
 
 
-def build_policy(model_spec, device: torch.device, dtype: torch.dtype) -> FlowPolicy:
-    """A FlowPolicy for ModelSpec.source (default | diffusers | comfy)."""
+def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cache: Path | None = None) -> FlowPolicy:
+    """A FlowPolicy for ModelSpec.source (default | diffusers | comfy).
+
+    dtype is the compute dtype; model_spec.weight_dtype the storage dtype of the frozen base
+    (docs/memory.md). cond_cache (diffusers source): safetensors file of encoded prompts, read if it
+    exists and written when prompts are encoded, so a resumed job needs no text encoder. The comfy
+    source reads the cache its node wrote (model.comfy.cond_cache); the default model's encoder is tiny.
+    """
+    from ..dtypes import resolve_storage_dtype
+
     ckpt = model_spec.gradient_checkpointing_on(device)
     if model_spec.source == "default":
         from ..default_model.policy import load_default_policy
@@ -35,7 +45,9 @@ def build_policy(model_spec, device: torch.device, dtype: torch.dtype) -> FlowPo
     if model_spec.source == "diffusers":
         from .diffusers_policy import load_diffusers_policy
 
-        return load_diffusers_policy(model_spec.path, model_spec.family, device, dtype, gradient_checkpointing=ckpt)
+        return load_diffusers_policy(model_spec.path, model_spec.family, device, dtype, gradient_checkpointing=ckpt,
+                                     weight_dtype=resolve_storage_dtype(model_spec.weight_dtype, dtype),
+                                     cond_cache=cond_cache)
     if model_spec.source == "comfy":
         from .comfy_policy import load_comfy_policy  # imports ComfyUI: only ever inside a job's child process
 

@@ -8,6 +8,7 @@ here predicts the rectified-flow velocity v = eps - x0, which is what the engine
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -15,10 +16,19 @@ from typing import Callable
 import torch
 
 from .. import lora as lora_lib
-from . import FAMILY_NAMES
+from . import FAMILY_NAMES, weight_storage
 from .base import Cond
+from .cond_cache import read_cond_cache, write_cond_cache
+from .text_encoders import PipelineTextEncoder, encoder_names, free_device_memory
 
 log = logging.getLogger(__name__)
+TILE_ABOVE_PX = 1024  # decode images larger than this (either side) tile by tile: the VAE's peak grows with pixels
+
+
+def _cache_row(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A cond row kept on the CPU: floats in the compute dtype (what velocity casts to anyway), masks as they are."""
+    value = value.detach().to("cpu")
+    return value.to(dtype) if value.is_floating_point() else value
 
 
 def _sd3_forward(model, x, sigma, cond):
@@ -73,32 +83,43 @@ def detect_family(transformer) -> str:
 class DiffusersPolicy:
     """A diffusers flow transformer + a text encoder + an optional VAE, behind FlowPolicy.
 
-    encoder: callable(list[str]) -> Cond (batch-first dict of the transformer's text inputs).
+    encoder: callable(list[str]) -> Cond (batch-first dict of the transformer's text inputs); if it
+         has a `release()` method, release_text_encoder calls it.
     vae: an AutoencoderKL (decode: latents / scaling + shift -> [-1, 1] images), or None for
          pixel-space models whose latents are images in [-1, 1] (the embedded default).
+    dtype: compute dtype; weight_dtype: storage dtype of the transformer's blocks (None = dtype;
+         fp8 = stored in 1 byte, upcast per layer, see weight_storage.py). A transformer that already
+         casts per layer (built in its storage dtype, e.g. by bench/scale.py) is used as it is.
+    cond_cache: safetensors file of encoded prompts (cond_cache.py): read at start if it exists,
+         rewritten whenever new prompts are encoded.
     """
 
-    def __init__(self, transformer, encoder: Callable[[list[str]], Cond], latent_shape, *, vae=None,
+    def __init__(self, transformer, encoder: Callable[[list[str]], Cond] | None, latent_shape, *, vae=None,
                  family: str = "auto", device="cpu", dtype: torch.dtype = torch.float32,
-                 gradient_checkpointing: bool = False):
+                 weight_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
+                 cond_cache: str | Path | None = None):
         self.family = detect_family(transformer) if family == "auto" else family
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
         self.device = torch.device(device)
         self.dtype = dtype
-        if next(transformer.parameters()).dtype != dtype:
-            transformer = transformer.to(dtype=dtype)
+        self.weight_dtype = weight_dtype or dtype
+        if not weight_storage.has_cast_layers(transformer):
+            if next(transformer.parameters()).dtype != dtype:
+                transformer = transformer.to(dtype=dtype)  # before moving: the device never holds a wider copy
+            weight_storage.store_weights(transformer, self.weight_dtype, dtype)
         self.transformer = transformer.to(self.device).requires_grad_(False).eval()
         self.vae = vae.to(self.device).requires_grad_(False).eval() if vae is not None else None
         self.encoder = encoder
         self.latent_shape = tuple(latent_shape)
-        self._cache: dict[str, Cond] = {}
+        self.cond_cache = Path(cond_cache) if cond_cache else None
+        self._cache: dict[str, Cond] = read_cond_cache(self.cond_cache, self.family) if self.cond_cache and self.cond_cache.is_file() else {}
         if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
 
     # --- FlowPolicy -------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Cond:
-        """Text features, cached per prompt on the CPU (encoders can be released afterwards)."""
+        """Text features, cached per prompt on the CPU in the compute dtype (and in cond_cache if set)."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             if self.encoder is None:
@@ -106,11 +127,19 @@ class DiffusersPolicy:
             with torch.no_grad():
                 feats = self.encoder(missing)
             for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i : i + 1].detach().float().cpu() for k, v in feats.items()}
+                self._cache[p] = {k: _cache_row(v[i : i + 1], self.dtype) for k, v in feats.items()}
+            del feats
+            if self.cond_cache:
+                write_cond_cache(self.cond_cache, self._cache, self.family)
         return {k: torch.cat([self._cache[p][k] for p in prompts]).to(self.device) for k in self._cache[prompts[0]]}
 
     def release_text_encoder(self) -> None:
+        """Free the text encoders: every reference dropped, the device's cached blocks returned."""
+        release = getattr(self.encoder, "release", None)
+        if callable(release):
+            release()
         self.encoder = None
+        free_device_memory(self.device)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         cond = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in cond.items()}
@@ -119,9 +148,14 @@ class DiffusersPolicy:
         return v.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images of exactly these latents (callers chunk by train.decode_batch); tiled above TILE_ABOVE_PX."""
         if self.vae is None:
             return ((latents.float() + 1) / 2).clamp(0, 1)
         cfg = self.vae.config
+        if hasattr(self.vae, "enable_tiling"):
+            factor = 2 ** (len(cfg.block_out_channels) - 1)
+            tiled = max(latents.shape[-2:]) * factor > TILE_ABOVE_PX
+            self.vae.enable_tiling() if tiled else self.vae.disable_tiling()
         z = latents.to(self.device, self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         with torch.no_grad():
             img = self.vae.decode(z, return_dict=False)[0]
@@ -142,27 +176,14 @@ class DiffusersPolicy:
         return contextlib.nullcontext()
 
 
-class PipelineTextEncoder:
-    """Text features from a local diffusers pipeline's own encode_prompt (SD3, FLUX, Sana)."""
-
-    def __init__(self, pipe, family: str, max_sequence_length: int | None = None):
-        self.pipe, self.family, self.max_len = pipe, family, max_sequence_length
-
-    def __call__(self, prompts: list[str]) -> Cond:
-        kw = {"max_sequence_length": self.max_len} if self.max_len else {}
-        if self.family == "sd3":
-            emb, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False, **kw)
-            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-        if self.family == "flux":
-            emb, pooled, _ = self.pipe.encode_prompt(prompts, prompts, **kw)
-            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-        emb, mask, _, _ = self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False, **kw)
-        return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
-
-
 def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=torch.float32,
-                          resolution: int = 0, gradient_checkpointing: bool = False) -> DiffusersPolicy:
-    """A policy from a local diffusers pipeline folder (model_index.json). Never downloads."""
+                          resolution: int = 0, gradient_checkpointing: bool = False,
+                          weight_dtype: torch.dtype | None = None, cond_cache: str | Path | None = None) -> DiffusersPolicy:
+    """A policy from a local diffusers pipeline folder (model_index.json). Never downloads.
+
+    The transformer and VAE load now; the text encoders load only if a prompt is not in cond_cache
+    (text_encoders.py), so a job resumed with its cond cache never loads them.
+    """
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -170,23 +191,21 @@ def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=t
             "save_pretrained or downloaded beforehand, e.g. stabilityai/stable-diffusion-3.5-medium); models load from local files only")
     from diffusers import DiffusionPipeline
 
-    import json
-
     # Components saved as null (e.g. SD3 without its T5 encoder) must be passed as None explicitly.
     index = json.loads((folder / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **absent)
-    transformer = pipe.transformer
+    later = {k: None for k in encoder_names(index)}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, **absent, **later)
+    transformer, vae = pipe.transformer, pipe.vae
+    del pipe  # the policy keeps the transformer and the VAE, nothing else
     fam = detect_family(transformer) if family == "auto" else family
-    vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     res = resolution or int(transformer.config.sample_size) * vae_factor
     if res % (vae_factor * 2):
         raise ValueError(f"resolution {res} must be a multiple of {vae_factor * 2} for this model")
-    latent = (pipe.vae.config.latent_channels, res // vae_factor, res // vae_factor)
-    for m in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, m, None) is not None:
-            getattr(pipe, m).to(device)
-    enc = PipelineTextEncoder(pipe, fam)
-    log.info("loaded %s pipeline from %s (latent %s)", fam, folder, latent)
-    return DiffusersPolicy(transformer, enc, latent, vae=pipe.vae, family=fam, device=device, dtype=dtype,
-                           gradient_checkpointing=gradient_checkpointing)
+    latent = (vae.config.latent_channels, res // vae_factor, res // vae_factor)
+    policy = DiffusersPolicy(transformer, None, latent, vae=vae, family=fam, device=device, dtype=dtype,
+                             weight_dtype=weight_dtype, gradient_checkpointing=gradient_checkpointing, cond_cache=cond_cache)
+    policy.encoder = PipelineTextEncoder(folder, fam, policy.transformer, policy.device, dtype, absent)
+    log.info("loaded %s pipeline from %s (latent %s, weights stored in %s)", fam, folder, latent, policy.weight_dtype)
+    return policy
