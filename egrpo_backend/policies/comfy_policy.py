@@ -9,6 +9,18 @@ ComfyUI's model returns the denoised x0, so v = (x - x0) / sigma; the LoRA sits 
 `BaseModel.diffusion_model`, so exported kohya keys are `lora_unet_<BFL path>`, which ComfyUI's
 LoraLoader maps. Backward needs comfy.model_management.in_training = True (fused kernels have no
 autograd otherwise) and, for Flux, gradient checkpointing of every block.
+
+Weights (docs/memory.md, "Weight storage"): the base stays in the file's storage dtype (fp8 e4m3fn /
+e5m2, bf16, fp16; scaled-fp8 files keep ComfyUI's own quantized ops) and computes in the compute dtype
+through ComfyUI's casting ops, as its samplers do: `load_diffusion_model(path, model_options={"dtype":
+storage})` builds comfy.ops.manual_cast layers, which upcast their weight per forward, and
+`cast_per_layer` makes sure every op whose weight is not in the compute dtype casts. Nothing calls
+`.to(dtype=...)` on the base. Our LoRA wraps those ops (they subclass torch.nn.Linear) as peft's
+base_layer and stays in the LoRA dtype.
+What the tests cover without ComfyUI (tests/test_memory.py): `file_storage_dtype`, `comfy_model_options`
+and `cast_per_layer` on a stand-in module with ComfyUI's cast-weights-on-forward pattern (fp8 storage,
+LoRA training through it). What only a real ComfyUI covers (tests/comfy_integration, COMFYUI_PATH):
+loading, ComfyUI's own choice of ops, scaled-fp8 files, the VAE.
 """
 
 from __future__ import annotations
@@ -21,6 +33,9 @@ from pathlib import Path
 import torch
 
 from .. import lora as lora_lib
+from ..dtypes import STORAGE_DTYPES
+
+TILE_ABOVE_PX = 1024  # decode images larger than this (either side) with the VAE's decode_tiled
 
 
 def _import_comfy(root: str, device: torch.device):
@@ -69,6 +84,53 @@ def _checkpoint_blocks(diffusion_model: torch.nn.Module) -> int:
     return count
 
 
+def file_storage_dtype(path: str) -> torch.dtype | None:
+    """The dtype most of a .safetensors file's weights are stored in, from its header (nothing is loaded).
+
+    None when ComfyUI's loader should decide: other file formats, and quantized files (scaled fp8:
+    a `scaled_fp8` tensor or `_quantization_metadata`), whose layers are ComfyUI's quantized ops.
+    """
+    if not str(path).endswith(".safetensors"):
+        return None
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = header.pop("__metadata__", None) or {}
+    if "_quantization_metadata" in meta or any(k.endswith("scaled_fp8") for k in header):
+        return None
+    names = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    counts: dict[str, int] = {}
+    for info in header.values():
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        counts[info["dtype"]] = counts.get(info["dtype"], 0) + numel
+    most = max(counts, key=counts.get) if counts else None
+    return STORAGE_DTYPES[names[most]] if most in names else None
+
+
+def comfy_model_options(weight_dtype: str, path: str) -> dict:
+    """model_options for comfy.sd's loaders: the storage dtype (spec's model.weight_dtype, or the
+    file's own for "auto"); {} lets ComfyUI type the weights itself (quantized or non-safetensors files)."""
+    storage = file_storage_dtype(path) if weight_dtype == "auto" else STORAGE_DTYPES[weight_dtype]
+    return {"dtype": storage} if storage is not None else {}
+
+
+def cast_per_layer(diffusion_model: torch.nn.Module, compute: torch.dtype) -> int:
+    """Make every ComfyUI op (comfy.ops: anything with `comfy_cast_weights`) whose weight is not stored
+    in `compute` upcast it per forward; returns how many ops cast. ComfyUI's manual_cast ops already
+    do; its plain ops (weight dtype = ComfyUI's compute choice) are switched on only if our compute
+    dtype differs, which is what ComfyUI's ModelPatcher does for layers it keeps off the GPU."""
+    count = 0
+    for m in diffusion_model.modules():
+        weight = getattr(m, "weight", None)
+        if not hasattr(m, "comfy_cast_weights") or not isinstance(weight, torch.Tensor):
+            continue
+        if weight.dtype != compute and not m.comfy_cast_weights:
+            m.comfy_cast_weights = True  # an instance attribute: the class (shared by every model) is untouched
+        count += bool(m.comfy_cast_weights)
+    return count
+
+
 class ComfyPolicy:
     def __init__(self, base_model, vae, conds: dict, prompts: list[str], latent_shape, device, guidance: float):
         self.model, self.vae = base_model, vae
@@ -105,11 +167,14 @@ class ComfyPolicy:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images of exactly these latents (callers chunk by train.decode_batch); tiled above TILE_ABOVE_PX."""
         z = self.model.process_latent_out(latents.float())
         if self.vae is None:  # latent preview: first channels squashed into [0, 1]
             z = z[:, :3] if z.shape[1] >= 3 else z[:, :1]
             return torch.sigmoid(z).float()
-        images = self.vae.decode(z)
+        ratio = self.vae.downscale_ratio if isinstance(getattr(self.vae, "downscale_ratio", None), int) else 8
+        tiled = max(z.shape[-2:]) * ratio > TILE_ABOVE_PX
+        images = self.vae.decode_tiled(z) if tiled else self.vae.decode(z)
         if images.ndim == 5:
             images = images[:, 0]
         return images[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
@@ -134,14 +199,17 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path} (model.path must be a diffusion model or checkpoint file)")
     kind = opts.kind
+    options = comfy_model_options(model_spec.weight_dtype, path)
     if kind == "checkpoint":
-        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, model_options=options)[0]
     else:
-        patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
+        patcher = comfy.sd.load_diffusion_model(path, model_options=options)
     base = patcher.model
-    base.to(device=device, dtype=dtype)
+    base.to(device=device)  # storage dtype kept: never .to(dtype=...), which would upcast an fp8 file
     base.requires_grad_(False)
     base.eval()
+    if cast_per_layer(base.diffusion_model, dtype):
+        base.manual_cast_dtype = dtype  # _apply_model casts inputs to this; the ops cast weights to the input's dtype
     if gradient_checkpointing:
         _checkpoint_blocks(base.diffusion_model)
 
@@ -161,7 +229,7 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
 
     with safe_open(cache, framework="pt") as f:
         prompts = json.loads(f.metadata()["prompts"])
-        conds = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
+        conds = {k: f.get_tensor(k).to(dtype=dtype) for k in f.keys()}  # on the CPU; moved per call
 
     channels = base.latent_format.latent_channels
     ratio = vae.downscale_ratio if vae is not None and isinstance(getattr(vae, "downscale_ratio", None), int) else 8
