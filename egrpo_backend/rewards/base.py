@@ -43,10 +43,24 @@ def build_reward(name: str, **options) -> Reward:
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    check_memory_options(name, options)  # before the factory loads a model for nothing
     try:
         return _REGISTRY[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
+
+
+def check_memory_options(name: str, options: dict) -> None:
+    """The options that bound a model reward's memory (docs/memory.md, "Rewards"), checked by value:
+    offload (true: the model sits on the CPU and visits the device only while it scores) and
+    batch_size (images per forward, whatever batch the reward is called with)."""
+    if "offload" in options and not isinstance(options["offload"], bool):
+        raise ValueError(f"reward {name!r}: option offload must be true or false (true keeps the reward model on the "
+                         f"CPU between scores), got {options['offload']!r}")
+    size = options.get("batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"reward {name!r}: option batch_size must be an integer >= 1 (images scored per forward), "
+                         f"got {size!r}")
 
 
 def reward_options(name: str) -> list[str]:

@@ -3,14 +3,16 @@
 A subclass holds its networks in `self.model` (one nn.Module) and implements `score(images, prompts)`
 for one micro-batch already on `self.device`. `__call__` is the Reward protocol: it checks the inputs,
 moves the model onto the device for the call when `offload=True` (and back to the CPU afterwards, so
-the GPU is free for the policy between rollouts), and returns float32 CPU scores via check_scores.
+the GPU is free for the policy between rollouts), scores `batch_size` images per forward whatever
+batch it is given (each chunk moves to the device only for its own forward), and returns float32
+CPU scores via check_scores. Memory of the scoring phase: docs/memory.md, "Rewards".
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..base import check_scores
+from ..base import check_memory_options, check_scores
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -41,8 +43,7 @@ class ModelReward:
 
     def __init__(self, name: str, model: torch.nn.Module, device=None, dtype=None, offload: bool = False,
                  batch_size: int = 16):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_memory_options(name, {"offload": offload, "batch_size": batch_size})
         self.name = name
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.offload, self.batch_size = bool(offload), int(batch_size)
