@@ -120,7 +120,7 @@ class AlgorithmSpec:
     advantage: str = "group"  # group (mean/std within group) | prompt_mean_batch_std (Flow-GRPO)
     advantage_clip: float = 5.0  # clip |A|
     reward_mode: str = "weighted_sum"  # weighted_sum | per_reward (normalise each reward, then weighted sum)
-    clip_range: float = 1e-4  # PPO epsilon (paper 1e-4; small LoRAs learn faster with ~0.2, see PROTOTYPE)
+    clip_range: float = 1e-4  # PPO epsilon (paper 1e-4; a small LoRA learns faster with ~0.2: bench/results)
     kl_beta: float = 0.0  # weight of KL(policy || base) per transition; 0 = off (paper)
     update_mode: str = "averaged"  # averaged (paper: loss averaged over active steps) | per_step (optimizer step per active step)
     guidance_scale: float = 1.0  # classifier-free guidance in rollouts and updates; 1 = off

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .guidance import guided_velocity
+from .guidance import GuidedVelocity
 from .policies.base import FlowPolicy
 from .sde import ode_step
 
@@ -19,11 +19,11 @@ def sample_ode(policy: FlowPolicy, sigmas: list[float], prompts: list[str], seed
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
         x = torch.cat([torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in ss])
         x = x.to(policy.device)
-        cond = policy.encode(ps)
+        velocity = GuidedVelocity(policy, policy.encode(ps), uncond=uncond, guidance_scale=guidance_scale, batch=batch)
+        rows = torch.arange(len(ps))
         for k in range(len(sigmas) - 1):
             s = torch.full((len(ps),), sigmas[k], device=policy.device)
-            v = guided_velocity(policy, x, s, cond, uncond, guidance_scale)
-            x = ode_step(x, v, s, torch.full_like(s, sigmas[k + 1]))
+            x = ode_step(x, velocity(x, s, rows), s, torch.full_like(s, sigmas[k + 1]))
         out.append(policy.decode(x).cpu())
     return torch.cat(out)
 
@@ -74,3 +74,31 @@ def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: l
         out["diversity"] = within_prompt_diversity(images, groups)
     out["images"] = images
     return out
+
+
+class HeldOut:
+    """A job's held-out evaluation: the (prompt, seed) pairs, when it is due, and what it found so far."""
+
+    def __init__(self, trainer, pairs: list[tuple[str, int]], group_key=None, history: list | None = None):
+        self.trainer, self.pairs, self.group_key = trainer, pairs, group_key
+        self.history = list(history or [])
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    @property
+    def base_diversity(self) -> float | None:
+        return self.history[0].get("diversity") if self.history else None
+
+    def due(self, iteration: int) -> bool:
+        """After every train.eval_every iterations, and after the last."""
+        cfg = self.trainer.cfg
+        return bool(self.pairs) and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == cfg.iterations)
+
+    def run(self) -> dict:
+        t = self.trainer
+        res = evaluate(t.policy, t.reward, self.pairs, list(t.plan.sigmas), guidance_scale=t.algo.guidance_scale,
+                       uncond=t.uncond, group_key=self.group_key, batch=t.cfg.rollout_batch)
+        entry = {"iteration": t.state.iteration, **{k: res[k] for k in ("reward_mean", "reward_ci", "diversity") if k in res}}
+        self.history.append(entry)
+        return entry

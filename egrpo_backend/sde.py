@@ -1,4 +1,4 @@
-"""One SDE / ODE / merged step with its Gaussian log-probability (SPEC 2).
+"""One SDE / ODE / merged step with its Gaussian log-probability (docs/algorithm.md, "The SDE step").
 
 Changed from Flow-GRPO's `sde_step_with_logprob`: the diffusion coefficient g is an argument (the
 plan computes it once, so the sigma = 1 convention and DanceGRPO's constant g live in schedule.py),
@@ -7,7 +7,7 @@ dt = sigma_next - sigma), and the log-prob is averaged, not summed, over latent 
 Like ddpo-pytorch's `ddim_step_with_logprob`, the same function samples a step or, given
 `prev_sample` (our `x_next`), recomputes the log-prob of a recorded transition.
 
-Names -> SPEC: x = x_t at sigma_i, v = model velocity (eps - x0), g = std_i, dt = sigma_j - sigma_i < 0,
+Names -> docs/algorithm.md: x = x_t at sigma_i, v = model velocity (eps - x0), g = std_i, dt = sigma_j - sigma_i < 0,
 mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt, scale = g sqrt(-dt).
 Everything is computed in float32 whatever dtype the model ran in.
 """

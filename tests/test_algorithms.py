@@ -8,7 +8,8 @@ from egrpo_backend.algorithms import PRESETS
 from egrpo_backend.config import AlgorithmSpec, JobSpec
 from egrpo_backend.rollout import rollout
 from egrpo_backend.algorithms import branch_starts
-from test_rollout import CountingPolicy, mean_pixel
+from egrpo_backend.guidance import GuidedVelocity
+from test_rollout import CountingPolicy, generators, rewards_of
 
 
 def algo(preset, **over):
@@ -20,31 +21,32 @@ def roll(a, iteration=0, prompts=("p0", "p1"), G=4):
     gen = torch.Generator().manual_seed(iteration)
     starts = branch_starts(a, plan, iteration, gen)
     policy = CountingPolicy()
-    ro = rollout(policy, plan, policy.encode(list(prompts)), list(prompts), starts, mean_pixel, group_size=G,
-                 generator=gen, granularities=a.granularities, window=a.sde_window, shared_noise=a.shared_initial_noise)
-    return plan, starts, ro
+    velocity = GuidedVelocity(policy, policy.encode(list(prompts)))
+    ro = rollout(velocity, plan, starts, generators(iteration, len(prompts)), group_size=G,
+                 granularities=a.granularities, sde_window=a.sde_window, shared_initial_noise=a.shared_initial_noise)
+    return plan, starts, ro, rewards_of(policy, ro, G)
 
 
 def test_egrpo_one_merged_sde_step_per_active_step():
     a = algo("egrpo")
-    plan, starts, ro = roll(a)
+    plan, starts, ro, rewards = roll(a)
     assert starts == list(range(8))
     # Every transition is one consolidated step n -> n + l_n with l from the entropy plan.
     widths = [1, 1, 2, 2, 2, 3, 3, 3]
     sig = torch.tensor(plan.sigmas, dtype=torch.float32)
     expect_next = torch.tensor([float(sig[n + widths[n]]) for n in ro.input_step.tolist()])
     torch.testing.assert_close(ro.sigma_next[ro.input_id.argsort(stable=True)], expect_next.repeat_interleave(4))
-    assert ro.rewards.shape == (2 * 8, 1, 4)
+    assert rewards.shape == (2 * 8, 1, 4)
 
 
 def test_granular_is_egrpo_with_tau_zero_and_two_granularities():
     a = algo("granular")
-    plan, starts, ro = roll(a)
+    plan, starts, ro, rewards = roll(a)
     assert [s.merge for s in plan.steps[:8]] == [1] * 8
-    assert ro.rewards.shape == (2 * 8, 2, 4)  # one reward row per granularity
+    assert rewards.shape == (2 * 8, 2, 4)  # one reward row per granularity
     # tau = 0 reproduces Granular-GRPO exactly: same rollout as E-GRPO settings with tau 0.
-    _, _, ro2 = roll(algo("egrpo", tau=0.0, granularities=[1, 2]))
-    assert torch.equal(ro.rewards, ro2.rewards) and torch.equal(ro.x_next, ro2.x_next)
+    _, _, ro2, rewards2 = roll(algo("egrpo", tau=0.0, granularities=[1, 2]))
+    assert torch.equal(rewards, rewards2) and torch.equal(ro.x_next, ro2.x_next)
 
 
 def test_egrpo_fast_samples_a_subset_of_active_steps():
@@ -52,7 +54,7 @@ def test_egrpo_fast_samples_a_subset_of_active_steps():
     plan = a.plan()
     picks = [branch_starts(a, plan, it, torch.Generator().manual_seed(it)) for it in range(200)]
     assert all(len(p) == 2 and set(p) <= set(range(8)) for p in picks)
-    _, _, ro = roll(a)
+    _, _, ro, rewards = roll(a)
     full = roll(algo("egrpo"))[2]
     assert ro.nfe < full.nfe / 2  # a fraction of full E-GRPO's rollout cost
     # Entropy weighting prefers the high-entropy (early) steps.
@@ -66,7 +68,7 @@ def test_egrpo_fast_samples_a_subset_of_active_steps():
 
 def test_dance_all_steps_sde_with_constant_diffusion_and_a_step_subset():
     a = algo("dance")
-    plan, starts, ro = roll(a)
+    plan, starts, ro, rewards = roll(a)
     assert starts == [0] and all(g == pytest.approx(0.3) for g in plan.g)
     assert ro.x_next.shape[0] == 2 * 4 * 16  # every member takes all 16 steps as SDE
     assert int(ro.window_pos.max()) == 15
@@ -75,13 +77,13 @@ def test_dance_all_steps_sde_with_constant_diffusion_and_a_step_subset():
 
 def test_flowgrpo_independent_noise_and_batch_std_advantage():
     a = algo("flowgrpo")
-    plan, starts, ro = roll(a)
+    plan, starts, ro, rewards = roll(a)
     assert starts == [0] and not a.shared_initial_noise
     first = ro.window_pos == 0
     assert ro.input_id[first].unique().numel() == first.sum()  # no shared input: members start apart
     assert a.advantage == "prompt_mean_batch_std"
-    adv = advantages(ro.rewards, mode=a.advantage, group_prompt=ro.group_prompt)
-    r = ro.rewards[:, 0]
+    adv = advantages(rewards, mode=a.advantage, group_prompt=ro.group_prompt)
+    r = rewards[:, 0]
     expect = (r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-8)
     torch.testing.assert_close(adv, expect.clamp(-5, 5), atol=1e-5, rtol=1e-5)
 
@@ -91,7 +93,7 @@ def test_flowgrpo_fast_two_sde_steps_at_a_random_active_step():
     plan = a.plan()
     starts = {tuple(branch_starts(a, plan, it, torch.Generator().manual_seed(it))) for it in range(50)}
     assert all(len(s) == 1 and s[0] in range(8) for s in starts) and len(starts) > 3
-    _, _, ro = roll(a)
+    _, _, ro, rewards = roll(a)
     assert int(ro.window_pos.max()) == 1  # two SDE steps per member, ODE elsewhere
 
 
@@ -99,7 +101,7 @@ def test_mixgrpo_window_slides_each_iteration():
     a = algo("mixgrpo")
     plan = a.plan()
     assert [branch_starts(a, plan, it, torch.Generator())[0] for it in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
-    _, _, ro = roll(a, iteration=3)
+    _, _, ro, rewards = roll(a, iteration=3)
     assert int(ro.window_pos.max()) == 3 and ro.input_step.min() == 3
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
 from egrpo_backend.jobs import create_job, read_events, read_status, request_cancel, resume_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_sigkill_mid_iteration_resumes_from_last_checkpoint(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert read_status(job)["status"] == "running"  # stale: the process died without a word
-    ckpt = json.loads((job / "checkpoints" / "latest.json").read_text())["iteration"]
+    ckpt = read_checkpoint(latest_checkpoint(job))["trainer"]["iteration"]
     assert 2 <= ckpt < 5
     out = cli_run("resume", job)
     assert out.returncode == 0 and "after 5 iterations" in out.stdout, out.stderr[-2000:]

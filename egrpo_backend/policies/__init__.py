@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Cond, FlowPolicy, cond_batch, cond_cat, cond_select
+from .base import Cond, FlowPolicy, cond_cat, cond_select
 
 SOURCES = ("default", "diffusers", "comfy")
 FAMILY_NAMES = ("sd3", "flux", "sana")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
@@ -64,5 +64,5 @@ def source_defaults(model_spec) -> dict:
     return {}
 
 
-__all__ = ["Cond", "FlowPolicy", "FAMILY_NAMES", "SOURCES", "build_policy", "cond_batch", "cond_cat", "cond_select",
+__all__ = ["Cond", "FlowPolicy", "FAMILY_NAMES", "SOURCES", "build_policy", "cond_cat", "cond_select",
            "resolve_device", "resolve_dtype", "source_defaults"]

@@ -34,6 +34,7 @@ import torch
 
 from .. import lora as lora_lib
 from ..dtypes import STORAGE_DTYPES
+from .base import lora_disabled
 
 TILE_ABOVE_PX = 1024  # decode images larger than this (either side) with the VAE's decode_tiled
 
@@ -187,6 +188,9 @@ class ComfyPolicy:
 
     def set_lora_enabled(self, enabled: bool) -> None:
         lora_lib.set_lora_enabled(self.diffusion_model, enabled)
+
+    def lora_disabled(self):
+        return lora_disabled(self)
 
 
 def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> ComfyPolicy:

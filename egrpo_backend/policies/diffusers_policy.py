@@ -17,7 +17,7 @@ import torch
 
 from .. import lora as lora_lib
 from . import FAMILY_NAMES, weight_storage
-from .base import Cond
+from .base import Cond, lora_disabled
 from .cond_cache import read_cond_cache, write_cond_cache
 from .text_encoders import PipelineTextEncoder, encoder_names, free_device_memory
 
@@ -169,6 +169,9 @@ class DiffusersPolicy:
 
     def set_lora_enabled(self, enabled: bool) -> None:
         lora_lib.set_lora_enabled(self.transformer, enabled)
+
+    def lora_disabled(self):
+        return lora_disabled(self)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
