@@ -13,6 +13,7 @@ from .policies.base import FlowPolicy
 from .rewards import WeightedRewards, build_reward
 from .trainer import Trainer
 
+COND_CACHE = "encoded_prompts.safetensors"  # in the job folder: the diffusers source's encoded prompts (docs/memory.md)
 DEFAULT_EVAL_SEEDS = range(10000, 10010)  # held-out noise seeds when the spec gives eval prompts but no seeds
 
 
@@ -45,7 +46,7 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
     settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
-                                     target_modules=spec.lora.target_modules or None)
+                                     target_modules=spec.lora.target_modules or None, dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
 
 
@@ -54,7 +55,8 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
     """A Trainer for `spec`. A given policy (without a LoRA yet) or reward is used instead of building one."""
     if policy is None:
         device = resolve_device(spec.train.device)
-        policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device))
+        cond_cache = Path(job_dir) / COND_CACHE if job_dir else None  # a resumed job then needs no text encoder
+        policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device), cond_cache=cond_cache)
     if not policy.trainable_parameters():
         add_job_lora(policy, spec)
     reward = reward or build_rewards(spec)

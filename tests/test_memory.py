@@ -354,3 +354,15 @@ def test_reward_memory_options_are_checked_before_anything_loads(option, value):
 
     with pytest.raises(ValueError, match=f"reward 'pickscore': option {option} must be"):
         build_reward("pickscore", reward_dir="/nonexistent", **{option: value})  # no files needed to fail here
+
+
+def test_a_job_caches_its_encoded_prompts_and_its_lora_dtype(sd3_folder, tmp_path):  # noqa: F811
+    from egrpo_backend.build import COND_CACHE, build_trainer
+    from egrpo_backend.config import JobSpec
+
+    spec = JobSpec.from_dict({"model": {"source": "diffusers", "path": str(sd3_folder), "weight_dtype": "float8_e4m3fn"},
+                              "prompts": ["a red cat"], "rewards": [{"name": "jpeg_compressibility"}],
+                              "lora": {"rank": 2, "dtype": "bfloat16"}, "train": {"device": "cpu", "evaluate": False}})
+    trainer = build_trainer(spec, job_dir=tmp_path)
+    assert (tmp_path / COND_CACHE).is_file() and trainer.policy.encoder is None  # encoded once, encoders gone
+    assert {p.dtype for p in trainer.policy.trainable_parameters()} == {torch.bfloat16}
