@@ -9,7 +9,7 @@ import torch
 from .base import Cond, FlowPolicy, cond_cat, cond_select
 
 SOURCES = ("default", "diffusers", "comfy")
-FAMILY_NAMES = ("sd3", "flux", "sana")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
+FAMILY_NAMES = ("sd3", "flux", "sana", "qwenimage")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
 
 
 def resolve_device(name: str) -> torch.device:
