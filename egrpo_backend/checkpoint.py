@@ -2,7 +2,7 @@
 
 state.pt holds everything a resume needs, in one dict: the trainer's state (iteration, prompt
 cursor, NFE, metrics history, optimizer, RNG), the job runner's state (held-out history) and the
-spec it was made with (as nanoGPT's checkpoints embed their config). lora.safetensors is a usable
+base model's architecture; the LoRA's header carries the spec it was made with (provenance.py). lora.safetensors is a usable
 LoRA on its own. The folder is written under a temporary name and renamed whole; latest.json then
 names it. Nothing else stores the iteration.
 """
@@ -19,6 +19,7 @@ import torch
 from . import lora as lora_lib
 from .atomic import atomic_write_json
 from .config import JobSpec
+from .provenance import lora_metadata
 
 KEEP_CHECKPOINTS = 2
 
@@ -45,9 +46,11 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    architecture = getattr(trainer.policy, "architecture", None)
     lora_lib.export_lora(trainer.policy.lora_model(), tmp / "lora.safetensors", "comfy",
-                         metadata={"egrpo.spec": json.dumps(spec.to_dict())})
-    torch.save({"trainer": trainer.state_dict(), "runner": runner_state, "spec": spec.to_dict()}, tmp / "state.pt")
+                         metadata=lora_metadata(spec, architecture=architecture))
+    record = {"trainer": trainer.state_dict(), "runner": runner_state, "architecture": architecture}
+    torch.save(record, tmp / "state.pt")
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -59,7 +62,7 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The checkpoint's record: {"trainer": ..., "runner": ..., "spec": ...} (no pickled code runs)."""
+    """The checkpoint's record: {"trainer": ..., "runner": ..., "architecture": ...} (no pickled code runs)."""
     return torch.load(Path(path) / "state.pt", weights_only=True)
 
 

@@ -25,7 +25,6 @@ Everything is written atomically; a SIGKILL loses at most the iteration in fligh
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -46,6 +45,7 @@ from .job_folder import (STATUSES, EventLog, create_job, load_spec, pid_alive, r
                          request_cancel, write_status)
 from .paths import check_name
 from .policies import source_defaults
+from .provenance import lora_metadata
 from .reports import write_reports, write_sample_grid
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     if record["runner"].get("eval_history"):
         metrics["eval"] = record["runner"]["eval_history"]
     target = Path(out) if out else job_dir / "lora" / _lora_file_name(spec, fmt)
-    path = lora_lib.export_lora(tensors, target, fmt, metadata={"egrpo.spec": json.dumps(spec.to_dict()),
-                                                                "egrpo.metrics": json.dumps(metrics, default=float)})
+    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
