@@ -37,7 +37,8 @@ from . import lora as lora_lib
 from .atomic import atomic_write_bytes
 from .build import build_trainer, eval_pairs
 from .cancel import CancelFlag
-from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, read_checkpoint, read_checkpoint_lora,
+                         save_checkpoint)
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
 from .guard import DiversityGuard
@@ -64,7 +65,7 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     ckpt = latest_checkpoint(job_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{job_dir} has no checkpoint yet; run the job first (`run {job_dir}`)")
-    tensors, _, _ = lora_lib.read_lora(ckpt / "lora.safetensors")
+    tensors = read_checkpoint_lora(ckpt)
     record = read_checkpoint(ckpt)
     history = record["trainer"]["history"]
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))}
@@ -112,6 +113,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     from tqdm.auto import tqdm
 
     cfg = spec.train
+    clean_leftovers(job_dir)
     trainer = build_trainer(spec, job_dir=job_dir)
     trainer.plan.save_png(job_dir / "plan.png")
     ckpt = latest_checkpoint(job_dir)
