@@ -239,6 +239,7 @@ class TrainSpec:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch default
     diversity_guard: float = 0.0  # reward-hacking guard: if held-out diversity < this x base, stop and restore the last LoRA that passed; 0 = off
+    drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
@@ -259,6 +260,8 @@ class TrainSpec:
         _range("train.seed", self.seed, 0, MAX_SEED)
         _range("train.threads", self.threads, 0, MAX_THREADS)
         _range("train.diversity_guard", self.diversity_guard, 0, 1)
+        if self.drift_guard:
+            _range("train.drift_guard", self.drift_guard, 1, 100)
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
 

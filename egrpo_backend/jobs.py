@@ -14,11 +14,12 @@ EVENT TYPES (every event has "type" and "time"):
   metrics     iteration, total, reward_mean, reward_std, adv_*, ratio_*, clip_frac, grad_norm, nfe,
               nfe_update, nfe_total, seconds, phases {rollout|decode|reward|update: seconds,
               peak_mem_gb}, loss, lr, eta_seconds
-  eval        iteration, reward_mean, reward_ci [lo, hi], diversity (when measurable)
+  eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
   checkpoint  iteration, path
   sample      iteration, path
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
-  guard       iteration, diversity, base_diversity, restored (the reward-hacking guard stopped the run)
+  guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
+              reward-hacking guard stopped the run)
   error       message, traceback
 Everything is written atomically; a SIGKILL loses at most the iteration in flight.
 """
@@ -41,7 +42,7 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
                          save_checkpoint)
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
-from .guard import DiversityGuard
+from .guard import HackingGuard
 from .job_folder import (STATUSES, EventLog, create_job, load_spec, pid_alive, read_events, read_json, read_status,
                          request_cancel, write_status)
 from .paths import check_name
@@ -118,13 +119,14 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     trainer.plan.save_png(job_dir / "plan.png")
     ckpt = latest_checkpoint(job_dir)
     runner = load_checkpoint(ckpt, trainer) if ckpt else {}
-    held_out = HeldOut(trainer, eval_pairs(spec), source_defaults(spec.model).get("group_key"), runner.get("eval_history"))
+    defaults = source_defaults(spec.model)
+    held_out = HeldOut(trainer, eval_pairs(spec), defaults.get("group_key"), defaults.get("drift_fn"), runner.get("eval_history"))
     total = cfg.iterations if until is None else min(cfg.iterations, until)
     events.emit("start", iteration=trainer.state.iteration, total=cfg.iterations, resumed=ckpt is not None,
                 plan=trainer.plan.to_json(), device=str(trainer.policy.device))
     if held_out and not held_out.history:
         events.emit("eval", **held_out.run())  # the base model's numbers, the guard's reference
-    guard = DiversityGuard(cfg.diversity_guard, trainer.policy.lora_model(), held_out.base_diversity, trainer.state.iteration)
+    guard = HackingGuard(cfg.diversity_guard, cfg.drift_guard, trainer.policy.lora_model(), held_out.base, trainer.state.iteration)
 
     bar = tqdm(total=cfg.iterations, initial=trainer.state.iteration, disable=not progress, desc="E-GRPO", unit="it")
     status, t_start, done_at_start = "finished", time.perf_counter(), trainer.state.iteration
@@ -140,7 +142,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
         if held_out.due(it):
             entry = held_out.run()
             events.emit("eval", **entry)
-            tripped = guard.check(it, entry.get("diversity"))
+            tripped = guard.check(it, entry)
             if tripped:
                 events.emit("guard", **tripped)
         if cfg.sample_every and it % cfg.sample_every == 0:
