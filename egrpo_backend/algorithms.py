@@ -126,7 +126,8 @@ def sliding_window(iteration: int, active: list[int], window: int, slide_every: 
     The start moves one active step every `slide_every` iterations; after the last active step it
     starts again at the first (`rollback`) or stays there. With `within_active` the window is cut
     at the last active step, as MixGRPO cuts it at T-3 (docs/baselines.md, MixGRPO). Window 0
-    (SDE to the end) runs to the last active step.
+    (SDE to the end) runs to the last active step. MixGRPO fastvideo/utils/grpo_states.py:85-148,
+    fastvideo/train_grpo_flux.py:915-947.
     """
     k = iteration // slide_every
     start = active[k % len(active)] if rollback else active[min(k, len(active) - 1)]
@@ -143,7 +144,8 @@ def coarse_grid_authors(sigmas: list[float], granularity: int) -> list[float]:
     with every g-th sigma after the first fine step and return the x0-prediction of the last model
     call, so when the stride does not land on 0 the last kept sigma is replaced by 0 (the final
     step jumps to 0 from the sigma before it). docs/baselines.md (E-GRPO, granularities) works an
-    example; g = 1 gives the fine grid unchanged.
+    example; g = 1 gives the fine grid unchanged. VisualGRPO fastvideo/workers/sampler/
+    flux_sampler.py:551-554 (grid), :386-410 (ODE loop and its x0-prediction).
     """
     out = [sigmas[0], *sigmas[1::granularity]]
     if out[-1] != sigmas[-1]:
@@ -164,7 +166,8 @@ def train_mask(window_pos: torch.Tensor, member: torch.Tensor, sigma_next: torch
        Flow-GRPO sample the last step but never train it).
     2. With fraction < 1, each unit (a group, or a member for `per_sample`) keeps
        trained_count(n, fraction) of its n remaining window positions, drawn at random.
-    DanceGRPO at T = 16: 15 candidate steps, 9 trained, a fresh draw per member.
+    DanceGRPO at T = 16: 15 candidate steps, 9 trained, a fresh draw per member (DanceGRPO
+    fastvideo/train_grpo_flux.py:512-519, :551-572; Flow-GRPO scripts/train_sd3.py:345, :869).
     """
     if subset not in TRAIN_SUBSETS:
         raise ValueError(f"unknown train subset {subset!r}; valid: {', '.join(TRAIN_SUBSETS)}")

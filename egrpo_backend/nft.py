@@ -45,7 +45,8 @@ def nft_timesteps(sigmas: list[float], batch: int, fraction: float, gen: torch.G
     """[batch, K] training sigmas: each sample trains at K = int(T * fraction) distinct grid sigmas.
 
     The reference draws one permutation of the T sampling sigmas (sigma_0 .. sigma_{T-1}, never 0)
-    per sample and trains at its first K (K = 9 of T = 10 at fraction 0.99).
+    per sample and trains at its first K (K = 9 of T = 10 at fraction 0.99); DiffusionNFT
+    scripts/train_nft_sd3.py:569, :806-816, :864.
     """
     grid = torch.tensor(sigmas[:-1], dtype=torch.float32)
     k = int(len(grid) * fraction)
@@ -62,6 +63,7 @@ def optimality_probability(rewards: torch.Tensor, group_prompt: torch.Tensor | N
     `rewards` is [P, G] (one ODE group per prompt) or [NG, n_gran, G] with `group_prompt`; A is the
     reference's advantage, per-prompt mean over the population std of the batch + 1e-4
     (advantage.py, prompt_mean_batch_std). A = 0 gives r = 1/2; |A| >= c gives r = 0 or 1.
+    DiffusionNFT scripts/train_nft_sd3.py:744-750, :910-929; flow_grpo/stat_tracking.py:26-31.
     """
     if rewards.ndim == 2:
         rewards = rewards[:, None, :]
@@ -87,7 +89,8 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
     (x_t, t) (treated as a constant); x_t: forward_noise(x0, eps, t); t: [B] sigmas; r: [B]
     optimality probabilities; v_ref: the base model's velocity for the KL term kl_beta *
     mean ||v - v_ref||^2 (the reference's `train.beta`). The policy part is scaled by adv_clip /
-    beta like the reference, so its gradient does not shrink with beta.
+    beta like the reference, so its gradient does not shrink with beta. DiffusionNFT
+    scripts/train_nft_sd3.py:934-970.
     """
     if not beta > 0:
         raise ValueError(f"nft_beta must be > 0, got {beta}")
@@ -115,7 +118,7 @@ def old_policy_decay(step: int, decay_type: int = 1) -> float:
     """EMA decay of the old policy after `step` optimizer steps (0 = copy the trained policy).
 
     type 0: always 0; type 1: min(0.001 step, 0.5); type 2: 0 for 75 steps, then
-    min(0.0075 (step - 75), 0.999) (the reference's return_decay).
+    min(0.0075 (step - 75), 0.999) (DiffusionNFT scripts/train_nft_sd3.py:169-189, config/nft.py:60, :78).
     """
     flat, rate, cap = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}[_decay_type(decay_type)]
     return 0.0 if step < flat else min((step - flat) * rate, cap)
@@ -129,6 +132,7 @@ def _decay_type(decay_type: int) -> int:
 
 @torch.no_grad()
 def update_old_policy(old_params, params, decay: float) -> None:
-    """old <- decay * old + (1 - decay) * trained, in place (once per iteration, after the update)."""
+    """old <- decay * old + (1 - decay) * trained, in place, once per iteration after the update
+    (DiffusionNFT scripts/train_nft_sd3.py:1034-1039)."""
     for o, p in zip(old_params, params, strict=True):
         o.copy_(o * decay + p.detach() * (1.0 - decay))

@@ -12,7 +12,8 @@ from egrpo_backend.schedule import shifted_sigmas
 
 
 def reference_advantages(prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-    """The reference's per-prompt stat tracker with global_std: prompt mean, batch population std + 1e-4."""
+    """The reference's per-prompt stat tracker with global_std: prompt mean, batch population std + 1e-4
+    (DiffusionNFT flow_grpo/stat_tracking.py:17-31)."""
     r = rewards.double()
     out = torch.empty_like(r)
     std = r.std(unbiased=False) + 1e-4
@@ -23,7 +24,8 @@ def reference_advantages(prompts: list[str], rewards: torch.Tensor) -> torch.Ten
 
 
 def reference_step(x0, noise, t, adv, forward, old, ref, nft_beta, kl_beta, adv_clip_max=5.0):
-    """The reference's loss for one timestep of one micro-batch, transcribed step by step (a check)."""
+    """The reference's loss for one timestep of one micro-batch, transcribed step by step as a check
+    (DiffusionNFT scripts/train_nft_sd3.py:862-870, :910-970)."""
     te = t.view(-1, *([1] * (x0.ndim - 1)))
     xt = (1 - te) * x0 + te * noise
     a = torch.clamp(adv, -adv_clip_max, adv_clip_max)
