@@ -2,7 +2,7 @@
 
 Rewards arrive as [NG, n_gran, G]: NG groups (prompt x branch step), one row per granularity,
 G members. Statistics never mix groups and are computed per granularity before summing; |A| is
-clipped at the end. Each mode is the normalisation of one reference (docs/baselines.md):
+clipped at the end. Each form (AlgorithmSpec.advantage) is the normalisation of one reference (docs/baselines.md):
 
   group                  (R - mean_group) / (unbiased std_group + 1e-8)     E-GRPO authors, DanceGRPO, MixGRPO
   group_population       (R - mean_group) / (population std_group + 1e-8)   this project before issue 9
@@ -18,18 +18,18 @@ from __future__ import annotations
 import torch
 
 ADVANTAGE_MODES = ("group", "group_population", "prompt_mean_batch_std")
-# mode -> (unbiased std?, eps added to the std); see the module docstring for the references.
+# advantage form -> (unbiased std?, eps added to the std); see the module docstring for the references.
 STD_RULE = {"group": (True, 1e-8), "group_population": (False, 1e-8), "prompt_mean_batch_std": (False, 1e-4)}
 REWARD_MODES = ("weighted_sum", "per_reward")  # several rewards: sum them, or normalise each and sum advantages
 
 
-def normalise(rewards: torch.Tensor, mode: str = "group", group_prompt: torch.Tensor | None = None) -> torch.Tensor:
-    """[NG, n_gran, G] -> same shape, normalised per granularity with the mode's std rule."""
-    if mode not in STD_RULE:
-        raise ValueError(f"unknown advantage mode {mode!r}; valid: {', '.join(ADVANTAGE_MODES)}")
-    unbiased, eps = STD_RULE[mode]
+def normalise(rewards: torch.Tensor, advantage: str = "group", group_prompt: torch.Tensor | None = None) -> torch.Tensor:
+    """[NG, n_gran, G] -> same shape, normalised per granularity with the form's std rule."""
+    if advantage not in STD_RULE:
+        raise ValueError(f"unknown advantage form {advantage!r}; valid: {', '.join(ADVANTAGE_MODES)}")
+    unbiased, eps = STD_RULE[advantage]
     r = rewards.double()
-    if mode != "prompt_mean_batch_std":
+    if advantage != "prompt_mean_batch_std":
         return ((r - r.mean(-1, keepdim=True)) / (r.std(-1, unbiased=unbiased, keepdim=True) + eps)).float()
     if group_prompt is None:
         raise ValueError("prompt_mean_batch_std needs the prompt of each group")
@@ -45,7 +45,7 @@ def normalise(rewards: torch.Tensor, mode: str = "group", group_prompt: torch.Te
 def advantages(
     rewards: torch.Tensor,
     *,
-    mode: str = "group",
+    advantage: str = "group",
     clip: float = 5.0,
     group_prompt: torch.Tensor | None = None,
     components: dict[str, torch.Tensor] | None = None,
@@ -57,7 +57,7 @@ def advantages(
     and the advantages are summed with the weights; otherwise the combined reward is normalised.
     """
     if components:
-        a = sum(weights[k] * normalise(v, mode, group_prompt) for k, v in components.items())
+        a = sum(weights[k] * normalise(v, advantage, group_prompt) for k, v in components.items())
     else:
-        a = normalise(rewards, mode, group_prompt)
+        a = normalise(rewards, advantage, group_prompt)
     return a.sum(1).clamp(-clip, clip)

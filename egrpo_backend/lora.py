@@ -9,7 +9,7 @@ Canonical form (what the trainer checkpoints and every format converts to and fr
     delta W = (alpha / r) * up @ down
 where the module path is the model's own dotted name (e.g. "transformer_blocks.0.attn.to_q").
 
-File formats (ARCHITECTURE.md, "LoRA formats"):
+File formats:
     kohya  lora_unet_<path with . -> _>.lora_down.weight / .lora_up.weight / .alpha
            (what ComfyUI and kohya tools load for ComfyUI/BFL-named models such as Flux)
     peft   transformer.<path>.lora_A.weight / .lora_B.weight, alpha / r folded into lora_B and no

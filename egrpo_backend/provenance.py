@@ -14,9 +14,9 @@ import os
 
 from .config import JobSpec
 
-MAX_SPEC_BYTES = 32 * 1024  # the spec without prompt lists is a few KB; refuse anything odd rather than bloat headers
+HEADER_LIMIT_BYTES = 32 * 1024  # the spec without prompt lists is a few KB; refuse anything odd rather than bloat headers
 # What each diffusers family / source is called in the modelspec convention (architecture "<name>/lora").
-ARCHITECTURES = {"default": "egrpo-digits-16px", "flux": "flux-1", "sd3": "stable-diffusion-v3", "sana": "sana"}
+BASE_MODEL_NAMES = {"default": "egrpo-digits-16px", "flux": "flux-1", "sd3": "stable-diffusion-v3", "sana": "sana"}
 _PRIVATE_KEYS = {("model", "comfy", "comfy_root"), ("model", "comfy", "cond_cache"), ("output", "copy_to")}
 
 
@@ -43,8 +43,8 @@ def shareable_spec(spec: JobSpec) -> dict:
     data["eval_prompts"] = prompt_digest(spec.prompt_list(eval=True)) if spec.eval_prompts else prompt_digest([])
     data = _strip_paths(data)
     size = len(json.dumps(data))
-    if size > MAX_SPEC_BYTES:
-        raise ValueError(f"the training spec is {size} bytes without its prompts (limit {MAX_SPEC_BYTES}); "
+    if size > HEADER_LIMIT_BYTES:
+        raise ValueError(f"the training spec is {size} bytes without its prompts (limit {HEADER_LIMIT_BYTES}); "
                          "shorten long option values (target_modules, reward options)")
     return data
 
@@ -52,9 +52,9 @@ def shareable_spec(spec: JobSpec) -> dict:
 def base_model_name(spec: JobSpec, architecture: str | None = None) -> str | None:
     """The base model's architecture in modelspec's naming, when it is known."""
     if spec.model.source == "default":
-        return ARCHITECTURES["default"]
+        return BASE_MODEL_NAMES["default"]
     family = architecture or (spec.model.family if spec.model.family != "auto" else None)
-    return ARCHITECTURES.get(family, family)
+    return BASE_MODEL_NAMES.get(family, family)
 
 
 def lora_metadata(spec: JobSpec, metrics: dict | None = None, architecture: str | None = None) -> dict:

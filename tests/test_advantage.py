@@ -15,7 +15,7 @@ def test_hand_computed_group_advantage():
     # mean 2.5; unbiased std sqrt(5/3) = 1.2910 (group), population std sqrt(1.25) = 1.1180 (group_population)
     torch.testing.assert_close(advantages(r), torch.tensor([[-1.1619, -0.3873, 0.3873, 1.1619]]), atol=1e-4, rtol=0)
     expect_pop = torch.tensor([[-1.3416, -0.4472, 0.4472, 1.3416]])
-    torch.testing.assert_close(advantages(r, mode="group_population"), expect_pop, atol=1e-4, rtol=0)
+    torch.testing.assert_close(advantages(r, advantage="group_population"), expect_pop, atol=1e-4, rtol=0)
 
 
 def test_unbiased_group_std_is_sqrt_g_over_g_minus_1_times_population_std():
@@ -43,7 +43,7 @@ def test_zero_mean_unit_std_within_each_group():
     a = advantages(r, clip=100.0)
     torch.testing.assert_close(a.mean(1), torch.zeros(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(a.std(1), torch.ones(6), atol=1e-5, rtol=0)  # unbiased, like the mode
-    p = advantages(r, clip=100.0, mode="group_population")
+    p = advantages(r, clip=100.0, advantage="group_population")
     torch.testing.assert_close(p.std(1, unbiased=False), torch.ones(6), atol=1e-5, rtol=0)
 
 
@@ -59,7 +59,7 @@ def test_groups_never_mix():
 def test_granularities_normalised_separately_then_summed_and_clipped():
     r = torch.tensor([[[0.0, 1.0], [10.0, 30.0]]])  # two granularities of one group, G = 2
     # Each row normalises to +-1 (population std) or +-sqrt(1/2) (unbiased), whatever its scale.
-    torch.testing.assert_close(advantages(r, mode="group_population"), torch.tensor([[-2.0, 2.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(advantages(r, advantage="group_population"), torch.tensor([[-2.0, 2.0]]), atol=1e-6, rtol=0)
     h = math.sqrt(0.5)
     torch.testing.assert_close(advantages(r), torch.tensor([[-2 * h, 2 * h]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(advantages(r, clip=1.0), torch.tensor([[-1.0, 1.0]]))
@@ -73,8 +73,8 @@ def test_per_reward_normalisation():
     a = torch.tensor([[[1.0, 2.0]]])
     b = torch.tensor([[[200.0, 100.0]]])  # large scale, opposite order
     # weighted sum: b dominates. per-reward: each normalised to +-1, then weighted.
-    ws = advantages(a + b, mode="group_population")
-    pr = advantages(a + b, mode="group_population", components={"a": a, "b": b}, weights={"a": 2.0, "b": 1.0})
+    ws = advantages(a + b, advantage="group_population")
+    pr = advantages(a + b, advantage="group_population", components={"a": a, "b": b}, weights={"a": 2.0, "b": 1.0})
     torch.testing.assert_close(ws, torch.tensor([[1.0, -1.0]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(pr, torch.tensor([[-1.0, 1.0]]), atol=1e-6, rtol=0)
 

@@ -87,7 +87,7 @@ def test_flowgrpo_independent_noise_and_batch_std_advantage():
     first = ro.window_pos == 0
     assert ro.input_id[first].unique().numel() == first.sum()  # no shared input: members start apart
     assert a.advantage == "prompt_mean_batch_std"
-    adv = advantages(rewards, mode=a.advantage, group_prompt=ro.group_prompt)
+    adv = advantages(rewards, advantage=a.advantage, group_prompt=ro.group_prompt)
     r = rewards[:, 0]
     expect = (r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)  # Flow-GRPO: population std + 1e-4
     torch.testing.assert_close(adv, expect.clamp(-5, 5), atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from egrpo_backend.config import JobSpec
 from egrpo_backend.jobs import create_job, run_job
-from egrpo_backend.provenance import MAX_SPEC_BYTES, lora_metadata, prompt_digest, shareable_spec
+from egrpo_backend.provenance import HEADER_LIMIT_BYTES, lora_metadata, prompt_digest, shareable_spec
 from test_jobs import tiny_spec
 
 
@@ -41,7 +41,7 @@ def test_header_stays_small_with_a_huge_prompt_list():
     spec = JobSpec.from_dict({"model": {"source": "diffusers", "path": "/home/alice/models/flux-dev", "family": "flux"},
                               "prompts": prompts})
     meta = lora_metadata(spec, {"reward_mean": 0.5})
-    assert sum(len(v) for v in meta.values()) < MAX_SPEC_BYTES
+    assert sum(len(v) for v in meta.values()) < HEADER_LIMIT_BYTES
     data = json.loads(meta["egrpo.spec"])
     assert data["prompts"]["count"] == 100_000 and data["model"]["path"] == "flux-dev"
     assert meta["modelspec.architecture"] == "flux-1/lora" and meta["egrpo.base_model_file"] == "flux-dev"
