@@ -28,7 +28,7 @@ DEMO_JOB = {
                   "group_size": 8, "granularities": [1], "clip_range": 0.2},
     "lora": {"rank": 8, "alpha": 8.0},
     "train": {"iterations": 30, "prompts_per_iteration": 2, "lr": 1e-3, "minibatches": 8, "checkpoint_every": 2,
-              "eval_every": 2, "diversity_guard": 0.955, "drift_guard": 1.05, "sample_every": 10, "seed": 0, "device": "cpu"},
+              "eval_every": 1, "diversity_guard": 0.955, "drift_guard": 1.05, "sample_every": 10, "seed": 0, "device": "cpu"},
     "output": {"name": "digits_egrpo", "formats": ["peft", "kohya", "comfy"]},
 }
 # Reward hacking shows as collapse (less diversity) and drift (farther from real digits): neither may
