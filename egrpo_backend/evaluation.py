@@ -59,10 +59,11 @@ def within_prompt_diversity(images: torch.Tensor, groups: list) -> float:
 
 
 def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: list[float], *,
-             guidance_scale: float = 1.0, uncond=None, group_key=None, batch: int = 64) -> dict:
-    """Held-out reward (mean, 95% CI) and within-group diversity of ODE samples.
+             guidance_scale: float = 1.0, uncond=None, group_key=None, drift_fn=None, batch: int = 64) -> dict:
+    """Held-out reward (mean, 95% CI), within-group diversity and (with drift_fn) drift of ODE samples.
 
     group_key(prompt) -> the group a sample's diversity is measured in (default: the prompt itself).
+    drift_fn(images) -> how far the samples are from real data (lower is more realistic).
     """
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     images = sample_ode(policy, sigmas, prompts, seeds, guidance_scale=guidance_scale, uncond=uncond, batch=batch)
@@ -72,6 +73,8 @@ def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: l
     groups = [group_key(p) if group_key else p for p in prompts]
     if len(set(groups)) < len(groups):
         out["diversity"] = within_prompt_diversity(images, groups)
+    if drift_fn is not None:
+        out["drift"] = float(drift_fn(images))
     out["images"] = images
     return out
 
@@ -79,16 +82,17 @@ def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: l
 class HeldOut:
     """A job's held-out evaluation: the (prompt, seed) pairs, when it is due, and what it found so far."""
 
-    def __init__(self, trainer, pairs: list[tuple[str, int]], group_key=None, history: list | None = None):
-        self.trainer, self.pairs, self.group_key = trainer, pairs, group_key
+    def __init__(self, trainer, pairs: list[tuple[str, int]], group_key=None, drift_fn=None, history: list | None = None):
+        self.trainer, self.pairs, self.group_key, self.drift_fn = trainer, pairs, group_key, drift_fn
         self.history = list(history or [])
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
 
     @property
-    def base_diversity(self) -> float | None:
-        return self.history[0].get("diversity") if self.history else None
+    def base(self) -> dict | None:
+        """The base model's entry (the evaluation before the first iteration)."""
+        return self.history[0] if self.history else None
 
     def due(self, iteration: int) -> bool:
         """After every train.eval_every iterations, and after the last."""
@@ -98,7 +102,8 @@ class HeldOut:
     def run(self) -> dict:
         t = self.trainer
         res = evaluate(t.policy, t.reward, self.pairs, list(t.plan.sigmas), guidance_scale=t.algo.guidance_scale,
-                       uncond=t.uncond, group_key=self.group_key, batch=t.cfg.rollout_batch)
-        entry = {"iteration": t.state.iteration, **{k: res[k] for k in ("reward_mean", "reward_ci", "diversity") if k in res}}
+                       uncond=t.uncond, group_key=self.group_key, drift_fn=self.drift_fn, batch=t.cfg.rollout_batch)
+        keys = ("reward_mean", "reward_ci", "diversity", "drift")
+        entry = {"iteration": t.state.iteration, **{k: res[k] for k in keys if k in res}}
         self.history.append(entry)
         return entry

@@ -14,18 +14,18 @@ EVENT TYPES (every event has "type" and "time"):
   metrics     iteration, total, reward_mean, reward_std, adv_*, ratio_*, clip_frac, grad_norm, nfe,
               nfe_update, nfe_total, seconds, phases {rollout|decode|reward|update: seconds,
               peak_mem_gb}, loss, lr, eta_seconds
-  eval        iteration, reward_mean, reward_ci [lo, hi], diversity (when measurable)
+  eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
   checkpoint  iteration, path
   sample      iteration, path
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
-  guard       iteration, diversity, base_diversity, restored (the reward-hacking guard stopped the run)
+  guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
+              reward-hacking guard stopped the run)
   error       message, traceback
 Everything is written atomically; a SIGKILL loses at most the iteration in flight.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -38,14 +38,16 @@ from . import lora as lora_lib
 from .atomic import atomic_write_bytes
 from .build import build_trainer, eval_pairs
 from .cancel import CancelFlag
-from .checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, read_checkpoint, read_checkpoint_lora,
+                         save_checkpoint)
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
-from .guard import DiversityGuard
+from .guard import HackingGuard
 from .job_folder import (STATUSES, EventLog, create_job, load_spec, pid_alive, read_events, read_json, read_status,
                          request_cancel, write_status)
 from .paths import check_name
 from .policies import source_defaults
+from .provenance import lora_metadata
 from .reports import write_reports, write_sample_grid
 
 log = logging.getLogger(__name__)
@@ -64,15 +66,14 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     ckpt = latest_checkpoint(job_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{job_dir} has no checkpoint yet; run the job first (`run {job_dir}`)")
-    tensors, _, _ = lora_lib.read_lora(ckpt / "lora.safetensors")
+    tensors = read_checkpoint_lora(ckpt)
     record = read_checkpoint(ckpt)
     history = record["trainer"]["history"]
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))}
     if record["runner"].get("eval_history"):
         metrics["eval"] = record["runner"]["eval_history"]
     target = Path(out) if out else job_dir / "lora" / _lora_file_name(spec, fmt)
-    path = lora_lib.export_lora(tensors, target, fmt, metadata={"egrpo.spec": json.dumps(spec.to_dict()),
-                                                                "egrpo.metrics": json.dumps(metrics, default=float)})
+    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -113,17 +114,19 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     from tqdm.auto import tqdm
 
     cfg = spec.train
+    clean_leftovers(job_dir)
     trainer = build_trainer(spec, job_dir=job_dir)
     trainer.plan.save_png(job_dir / "plan.png")
     ckpt = latest_checkpoint(job_dir)
     runner = load_checkpoint(ckpt, trainer) if ckpt else {}
-    held_out = HeldOut(trainer, eval_pairs(spec), source_defaults(spec.model).get("group_key"), runner.get("eval_history"))
+    defaults = source_defaults(spec.model)
+    held_out = HeldOut(trainer, eval_pairs(spec), defaults.get("group_key"), defaults.get("drift_fn"), runner.get("eval_history"))
     total = cfg.iterations if until is None else min(cfg.iterations, until)
     events.emit("start", iteration=trainer.state.iteration, total=cfg.iterations, resumed=ckpt is not None,
                 plan=trainer.plan.to_json(), device=str(trainer.policy.device))
     if held_out and not held_out.history:
         events.emit("eval", **held_out.run())  # the base model's numbers, the guard's reference
-    guard = DiversityGuard(cfg.diversity_guard, trainer.policy.lora_model(), held_out.base_diversity, trainer.state.iteration)
+    guard = HackingGuard(cfg.diversity_guard, cfg.drift_guard, trainer.policy.lora_model(), held_out.base, trainer.state.iteration)
 
     bar = tqdm(total=cfg.iterations, initial=trainer.state.iteration, disable=not progress, desc="E-GRPO", unit="it")
     status, t_start, done_at_start = "finished", time.perf_counter(), trainer.state.iteration
@@ -139,7 +142,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
         if held_out.due(it):
             entry = held_out.run()
             events.emit("eval", **entry)
-            tripped = guard.check(it, entry.get("diversity"))
+            tripped = guard.check(it, entry)
             if tripped:
                 events.emit("guard", **tripped)
         if cfg.sample_every and it % cfg.sample_every == 0:

@@ -79,3 +79,16 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, scale: torch.Tensor)
     """KL(N(mean_p, s^2) || N(mean_q, s^2)) averaged over non-batch dims -> [B] (equal scales)."""
     kl = (mean_p - mean_q) ** 2 / (2 * scale**2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def flow_grpo_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, g) -> torch.Tensor:
+    """Flow-GRPO's KL penalty: ||mean_p - mean_q||^2 / (2 g^2) averaged over non-batch dims -> [B].
+
+    Flow-GRPO divides by the squared diffusion coefficient g (its `std_dev_t`), not by the squared
+    transition scale g^2 |dt| that `gaussian_kl` uses, so it equals `gaussian_kl * |dt|`
+    (docs/baselines.md, Flow-GRPO; Flow-GRPO scripts/train_sd3.py:900). `g` is a scalar or one
+    value per sample.
+    """
+    g = _per_sample(g, mean_p.float())
+    kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * g**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))

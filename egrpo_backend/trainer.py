@@ -115,7 +115,7 @@ class Trainer:
         scores = self.score(ro, prompts, phases)
         # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].
         per_reward = algo.reward_mode == "per_reward" and len(scores.components) > 1
-        adv = advantages(scores.rewards, mode=algo.advantage, clip=algo.advantage_clip, group_prompt=ro.group_prompt,
+        adv = advantages(scores.rewards, advantage=algo.advantage, clip=algo.advantage_clip, group_prompt=ro.group_prompt,
                          components=scores.components if per_reward else None, weights=self.reward.weights)
         # 4. Clipped policy-gradient update.
         with phases("update"):
