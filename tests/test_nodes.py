@@ -340,3 +340,27 @@ def test_train_node_refuses_a_model_reward_without_its_weight_files(recording_ma
     with pytest.raises(ValueError, match="reward 'hpsv2' needs .* not found in"):
         train_nodes.TrainLoraNode.execute(**{**TRAIN, "reward": reward}, source="default")
     assert no_job_folder(recording_manager)
+
+
+@pytest.mark.parametrize("tau,active", [(0.0, "0-7"), (2.2, "0-7"), (0.0, "all")])
+def test_plan_chart_legend_covers_no_bar_and_no_label_is_clipped(tau, active):
+    """The Entropy Plan node's chart: the legend sits outside the axes (at tau = 0 it used to cover bars)
+    and every `l=` label lies inside the axes (the tallest one used to be cut by the top edge)."""
+    from egrpo_backend.plots import entropy_plan_figure
+    from egrpo_backend.schedule import build_plan
+
+    plt, fig = entropy_plan_figure(build_plan(shifted_sigmas(16, 3.0), 0.7, tau, active))
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        box = ax.get_window_extent(renderer)
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 < box.y0, "the legend overlaps the plot"
+        labels = [t for t in ax.texts if t.get_text().startswith("l=")]
+        assert labels
+        for t in labels:
+            e = t.get_window_extent(renderer)
+            assert box.y0 <= e.y0 and e.y1 <= box.y1, f"label {t.get_text()} at step {t.xy[0]} is clipped"
+    finally:
+        plt.close(fig)
