@@ -357,6 +357,16 @@ class JobManager:
             self._pump()
         return resumable
 
+    def status_line(self) -> str:
+        """What runs and waits now, for the start-up log ('' when nothing)."""
+        parts = []
+        if self._running is not None:
+            parts.append(f"job {self._running.job_id} is running" + (" (adopted from the previous ComfyUI)"
+                                                                        if self._running.proc is None else ""))
+        if len(self._queue):
+            parts.append(f"{len(self._queue)} job(s) queued: {', '.join(j for j, _ in self._queue.items)}")
+        return "; ".join(parts)
+
     # --- the monitor -----------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
