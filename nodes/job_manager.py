@@ -199,7 +199,10 @@ class JobManager:
             run = self._running
             if run is None or run.job_id != job_id:
                 if job_process.job_running(path) and not force:  # run by another process (e.g. the CLI)
-                    backend_jobs.request_cancel(path)
+                    try:
+                        backend_jobs.request_cancel(path)
+                    except RuntimeError as e:  # it ended meanwhile
+                        raise JobError(str(e)) from None
                     return self.get(job_id)
                 raise JobError(f"job {job_id!r} is not running or queued" if not job_process.job_running(path) else
                                f"job {job_id!r} runs in another process, not started by this ComfyUI: it can be "
