@@ -41,20 +41,15 @@ def run_one(args: tuple) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from egrpo_backend import lora
+    from egrpo_backend.build import build_trainer
     from egrpo_backend.config import JobSpec
     from egrpo_backend.default_model.digits import digit_of_prompt
-    from egrpo_backend.default_model.policy import default_job_inputs, load_default_policy
+    from egrpo_backend.default_model.policy import default_job_inputs
     from egrpo_backend.evaluation import evaluate
-    from egrpo_backend.rewards import WeightedRewards, build_reward
-    from egrpo_backend.trainer import Trainer
 
     spec = JobSpec.from_dict(spec_for(preset, seed, overrides))
-    policy = load_default_policy()
-    lora.add_lora(policy.lora_model(), lora.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha), seed=seed)
-    inputs = default_job_inputs()
-    reward = WeightedRewards([build_reward("digit_probability")], [1.0])
-    trainer = Trainer(policy, spec, reward, inputs["prompts"])
+    trainer = build_trainer(spec)
+    policy, reward, inputs = trainer.policy, trainer.reward, default_job_inputs()
     eval_sigmas = list(JobSpec.from_dict(spec_for("egrpo", 0)).algorithm.plan().sigmas)  # one eval grid for all
 
     def held_out():

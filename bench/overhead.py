@@ -24,18 +24,15 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    from egrpo_backend import lora
     from egrpo_backend.atomic import atomic_write_json
+    from egrpo_backend.build import build_trainer
     from egrpo_backend.config import JobSpec
-    from egrpo_backend.default_model.policy import default_job_inputs, load_default_policy
-    from egrpo_backend.rewards import WeightedRewards, build_reward
+    from egrpo_backend.default_model.policy import default_job_inputs
     from egrpo_backend.rollout import expected_nfe
-    from egrpo_backend.trainer import Trainer
 
     spec = JobSpec.from_dict(spec_for("egrpo", 0))
-    policy = load_default_policy()
-    lora.add_lora(policy.lora_model(), lora.LoraSettings(rank=8, alpha=8.0))
-    trainer = Trainer(policy, spec, WeightedRewards([build_reward("digit_probability")], [1.0]), default_job_inputs()["prompts"])
+    trainer = build_trainer(spec)
+    policy = trainer.policy
     P, G = spec.train.prompts_per_iteration, spec.algorithm.group_size
     formula = P * expected_nfe(trainer.plan, trainer.plan.active, G, spec.algorithm.granularities)
 
@@ -69,7 +66,7 @@ def main():
     rows = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
-        m = trainer.step()
+        m = trainer.step().metrics
         wall = time.perf_counter() - t0
         rows.append({"wall_s": wall, "pure_model_s": pure, "ratio": wall / pure, "nfe_measured": m["nfe"]})
     ratio = min(r["ratio"] for r in rows)

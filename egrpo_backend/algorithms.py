@@ -1,8 +1,14 @@
-"""E-GRPO and the baselines as named presets of one engine (SPEC 7).
+"""E-GRPO and the baselines as named presets of one engine (docs/baselines.md).
 
 A preset is only a set of AlgorithmSpec values; the rollout, advantage and loss code never asks
 which preset it runs. Fields a preset does not set keep AlgorithmSpec's defaults, which are the
-paper's E-GRPO (tau 2.2, first 8 of 16 steps, one merged SDE step per group, clip 1e-4).
+paper's E-GRPO (tau 2.2, first 8 of 16 steps, one merged SDE step per group, clip 1e-4). Each
+baseline mirrors its reference code by default; docs/baselines.md gives, per preset, what the
+reference does (file:line), what the preset does, and every difference that is kept.
+
+Behaviour that needs AlgorithmSpec fields config.py does not have yet lives in pure helpers here
+(`coarse_grid_authors`, `train_mask`, `sliding_window`), and the values each preset will give those
+fields are in PENDING_PRESETS / PENDING_FIELDS until the trainer reads them.
 """
 
 from __future__ import annotations
@@ -10,32 +16,86 @@ from __future__ import annotations
 import torch
 
 PRESETS: dict[str, dict] = {
-    # The paper: one group per active step, consolidated SDE step, ODE elsewhere.
-    "egrpo": {},
+    # The paper: one group per active step, consolidated SDE step, ODE elsewhere; the authors'
+    # released config finishes every member on the fine and the 2-strided grid.
+    "egrpo": {"granularities": [1, 2]},
     # Ours: E-GRPO's plan and merged steps, but each iteration branches at a sample of the active
     # steps (uniform or weighted by merged entropy), so a rollout costs a fraction of full E-GRPO's.
     "egrpo_fast": {"branch": "sample_active", "branches_per_prompt": 2, "branch_weighting": "uniform"},
     # Granular-GRPO: E-GRPO with single steps (tau = 0) plus multi-granularity ODE finishes.
     "granular": {"tau": 0.0, "granularities": [1, 2]},
-    # DanceGRPO: every step SDE with constant diffusion (eta 0.3), trains a random subset of steps.
+    # DanceGRPO: every step SDE with constant diffusion (eta 0.3), trains a random subset of steps
+    # (int(0.6 * (T - 1)) of the steps before the last, drawn per member: PENDING_PRESETS).
     "dance": {
         "tau": 0.0, "diffusion": "constant", "eta": 0.3, "active": "all", "branch": "first",
         "sde_window": 0, "train_fraction": 0.6,
     },
-    # Flow-GRPO: every step SDE, independent initial noise per member, per-prompt mean / batch std.
+    # Flow-GRPO: every step SDE, independent initial noise per member, per-prompt mean / batch std;
+    # the last step is sampled but never trained (PENDING_PRESETS).
     "flowgrpo": {
         "tau": 0.0, "active": "all", "branch": "first", "sde_window": 0,
         "shared_initial_noise": False, "advantage": "prompt_mean_batch_std",
     },
-    # Flow-GRPO-Fast: ODE except 2 SDE steps starting at a random step of the active range.
-    "flowgrpo_fast": {"tau": 0.0, "branch": "random", "sde_window": 2},
-    # MixGRPO: a window of 4 SDE steps that slides one step per iteration, ODE outside it.
-    "mixgrpo": {"tau": 0.0, "branch": "sliding", "sde_window": 4, "slide_every": 1},
+    # Flow-GRPO-Fast: independent initial noise, ODE except a window of 2 SDE steps that starts at
+    # a uniform step of 0..T-2 (0-14 at T = 16), per-prompt mean / batch std.
+    "flowgrpo_fast": {
+        "tau": 0.0, "active": "0-14", "branch": "random", "sde_window": 2,
+        "shared_initial_noise": False, "advantage": "prompt_mean_batch_std",
+    },
+    # MixGRPO: a window of 4 SDE steps, ODE outside it, that moves one step every 25 iterations
+    # over the steps 0..T-3 (0-13 at T = 16) and then starts again; advantages per reward.
+    "mixgrpo": {
+        "tau": 0.0, "active": "0-13", "branch": "sliding", "sde_window": 4, "slide_every": 25,
+        "reward_mode": "per_reward",
+    },
+}
+
+# Fields the references need that AlgorithmSpec does not have yet:
+# name -> (type, default, allowed values or None, comment). The defaults keep today's behaviour.
+PENDING_FIELDS: dict[str, tuple] = {
+    "train_last_step": (bool, True, None,
+                        "train the transitions that end at sigma = 0; False: DanceGRPO, Flow-GRPO"),
+    "train_subset": (str, "per_group", ("per_group", "per_sample"),
+                     "train_fraction < 1: one subset of window positions per group, or per member (DanceGRPO)"),
+    "kl_form": (str, "gaussian", ("gaussian", "flow_grpo"),
+                "KL per transition: gaussian = sde.gaussian_kl (/ g^2 |dt|); flow_grpo = sde.flow_grpo_kl (/ g^2)"),
+    "window_within_active": (bool, False, None,
+                             "cut each member's SDE window at the last active step (MixGRPO)"),
+    "slide_rollback": (bool, True, None,
+                       "sliding: after the last active step start again at the first; False: stay at the last"),
+    "loss": (str, "grpo", ("grpo", "nft"),
+             "grpo: SDE groups + clipped ratio; nft: ODE rollouts + DiffusionNFT loss on noised clean samples"),
+    "nft_beta": (float, 1.0, None, "DiffusionNFT beta (> 0): v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v"),
+    "nft_decay": (int, 1, (0, 1, 2), "DiffusionNFT old-policy EMA schedule, nft.old_policy_decay"),
+    "nft_timestep_fraction": (float, 0.99, None,
+                              "DiffusionNFT: fraction of the grid's sigmas each clean sample is trained at"),
+}
+
+# The values presets give PENDING_FIELDS (and the DiffusionNFT presets, which cannot exist before
+# `loss` does: without it they would silently run as GRPO).
+PENDING_PRESETS: dict[str, dict] = {
+    "dance": {"train_last_step": False, "train_subset": "per_sample"},
+    "flowgrpo": {"train_last_step": False, "kl_form": "flow_grpo"},
+    "flowgrpo_fast": {"kl_form": "flow_grpo"},
+    "mixgrpo": {"window_within_active": True, "slide_rollback": True},
+    # DiffusionNFT, single reward (HPS / PickScore / GenEval configs): beta 1, EMA schedule 1.
+    "nft": {
+        "loss": "nft", "nft_beta": 1.0, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,
+        "shared_initial_noise": False, "advantage": "prompt_mean_batch_std", "advantage_clip": 5.0,
+        "guidance_scale": 1.0, "kl_beta": 1e-4, "granularities": [1],
+    },
+    # DiffusionNFT, several rewards summed: beta 0.1.
+    "nft_multi_reward": {
+        "loss": "nft", "nft_beta": 0.1, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,
+        "shared_initial_noise": False, "advantage": "prompt_mean_batch_std", "advantage_clip": 5.0,
+        "guidance_scale": 1.0, "kl_beta": 1e-4, "granularities": [1],
+    },
 }
 
 
 BRANCH_KINDS = ("active", "sample_active", "random", "sliding", "first")
 BRANCH_WEIGHTINGS = ("uniform", "entropy")
+TRAIN_SUBSETS = PENDING_FIELDS["train_subset"][2]
 
 
 def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]:
@@ -47,7 +107,7 @@ def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]
     if spec.branch == "first":
         return [active[0]]
     if spec.branch == "sliding":
-        return [active[(iteration // spec.slide_every) % len(active)]]
+        return sliding_window(iteration, active, spec.sde_window, spec.slide_every)[:1]
     if spec.branch == "random":
         pick = torch.randperm(len(active), generator=gen)[:k]
     else:  # sample_active
@@ -57,3 +117,67 @@ def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]
             w = torch.ones(len(active), dtype=torch.float64)
         pick = torch.multinomial(w, k, replacement=False, generator=gen)
     return sorted(active[i] for i in pick.tolist())
+
+
+def sliding_window(iteration: int, active: list[int], window: int, slide_every: int, *,
+                   rollback: bool = True, within_active: bool = True) -> list[int]:
+    """MixGRPO's progressive window: the steps trained at `iteration`.
+
+    The start moves one active step every `slide_every` iterations; after the last active step it
+    starts again at the first (`rollback`) or stays there. With `within_active` the window is cut
+    at the last active step, as MixGRPO cuts it at T-3 (docs/baselines.md, MixGRPO). Window 0
+    (SDE to the end) runs to the last active step. MixGRPO fastvideo/utils/grpo_states.py:85-148,
+    fastvideo/train_grpo_flux.py:915-947.
+    """
+    k = iteration // slide_every
+    start = active[k % len(active)] if rollback else active[min(k, len(active) - 1)]
+    steps = list(range(start, start + window if window > 0 else active[-1] + 1))
+    if within_active:
+        steps = [s for s in steps if s <= active[-1]]
+    return steps
+
+
+def coarse_grid_authors(sigmas: list[float], granularity: int) -> list[float]:
+    """The E-GRPO authors' granularity grid from the branch's end: one fine step, then every g-th.
+
+    `sigmas` runs from the sigma the SDE step reached to 0. The authors concatenate the fine prefix
+    with every g-th sigma after the first fine step and return the x0-prediction of the last model
+    call, so when the stride does not land on 0 the last kept sigma is replaced by 0 (the final
+    step jumps to 0 from the sigma before it). docs/baselines.md (E-GRPO, granularities) works an
+    example; g = 1 gives the fine grid unchanged. VisualGRPO fastvideo/workers/sampler/
+    flux_sampler.py:551-554 (grid), :386-410 (ODE loop and its x0-prediction).
+    """
+    out = [sigmas[0], *sigmas[1::granularity]]
+    if out[-1] != sigmas[-1]:
+        out[-1] = sigmas[-1]
+    return out
+
+
+def trained_count(candidates: int, fraction: float) -> int:
+    """How many of `candidates` steps a member trains: int(candidates * fraction), at least 1 (DanceGRPO)."""
+    return candidates if fraction >= 1.0 else max(1, int(candidates * fraction))
+
+
+def train_mask(window_pos: torch.Tensor, member: torch.Tensor, sigma_next: torch.Tensor, *, group_size: int,
+               fraction: float, train_last_step: bool, subset: str, gen: torch.Generator) -> torch.Tensor:
+    """[N] bool: which recorded transitions the update trains.
+
+    1. Without `train_last_step`, transitions that end at sigma = 0 are dropped (DanceGRPO and
+       Flow-GRPO sample the last step but never train it).
+    2. With fraction < 1, each unit (a group, or a member for `per_sample`) keeps
+       trained_count(n, fraction) of its n remaining window positions, drawn at random.
+    DanceGRPO at T = 16: 15 candidate steps, 9 trained, a fresh draw per member (DanceGRPO
+    fastvideo/train_grpo_flux.py:512-519, :551-572; Flow-GRPO scripts/train_sd3.py:345, :869).
+    """
+    if subset not in TRAIN_SUBSETS:
+        raise ValueError(f"unknown train subset {subset!r}; valid: {', '.join(TRAIN_SUBSETS)}")
+    keep = torch.ones(member.numel(), dtype=torch.bool) if train_last_step else (sigma_next > 0).cpu()
+    if fraction >= 1.0:
+        return keep
+    unit = member if subset == "per_sample" else member // group_size
+    for u in unit.unique().tolist():
+        sel = unit == u
+        pos = window_pos[sel & keep].unique()
+        chosen = pos[torch.randperm(pos.numel(), generator=gen)[: trained_count(pos.numel(), fraction)]]
+        keep[sel] &= torch.isin(window_pos[sel], chosen)
+    return keep

@@ -20,6 +20,15 @@ class SpecError(ValueError):
     """A job spec is invalid; the message names the key and what is allowed."""
 
 
+# Upper bounds: far above any real run, low enough that a typo cannot ask for an endless job.
+MAX_ITERATIONS = 1_000_000
+MAX_PROMPTS = 100_000  # prompts in a list or file (each is encoded once before training)
+MAX_PROMPTS_PER_ITERATION = 4096
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+MAX_THREADS = 1024
+MAX_PROMPT_CHARS = 10_000
+
+
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
         raise SpecError(f"{key} = {value!r} is not allowed; valid values: {', '.join(map(repr, allowed))}")
@@ -120,7 +129,7 @@ class AlgorithmSpec:
     advantage: str = "group"  # group (mean/std within group) | prompt_mean_batch_std (Flow-GRPO)
     advantage_clip: float = 5.0  # clip |A|
     reward_mode: str = "weighted_sum"  # weighted_sum | per_reward (normalise each reward, then weighted sum)
-    clip_range: float = 1e-4  # PPO epsilon (paper 1e-4; small LoRAs learn faster with ~0.2, see PROTOTYPE)
+    clip_range: float = 1e-4  # PPO epsilon (paper 1e-4; a small LoRA learns faster with ~0.2: bench/results)
     kl_beta: float = 0.0  # weight of KL(policy || base) per transition; 0 = off (paper)
     update_mode: str = "averaged"  # averaged (paper: loss averaged over active steps) | per_step (optimizer step per active step)
     guidance_scale: float = 1.0  # classifier-free guidance in rollouts and updates; 1 = off
@@ -151,8 +160,15 @@ class AlgorithmSpec:
         _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
         _range("algorithm.group_size", self.group_size, 2, 1024)
-        if not self.granularities or any(not isinstance(g, int) or g < 1 for g in self.granularities):
+        if not self.granularities or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 1000
+                                         for g in self.granularities):
             raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {self.granularities!r}")
+        if not (isinstance(self.active, str) or (isinstance(self.active, list) and self.active
+                                                 and all(isinstance(i, int) and not isinstance(i, bool) for i in self.active))):
+            raise SpecError(f"algorithm.active must be a string like '0-7', '0,2,4', 'all', 'first_half' or a list of "
+                            f"step indices, got {self.active!r}")
+        if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
+            raise SpecError(f"algorithm.sigmas must be a list of numbers, got {self.sigmas!r}")
         _choice("algorithm.branch", self.branch, BRANCH_KINDS)
         _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
@@ -194,6 +210,9 @@ class LoraSpec:
         from .dtypes import LORA_DTYPES
 
         _range("lora.rank", self.rank, 1, 1024)
+        _range("lora.init_seed", self.init_seed, 0, MAX_SEED)
+        if not all(isinstance(m, str) and m for m in self.target_modules):
+            raise SpecError(f"lora.target_modules must be a list of module names, got {self.target_modules!r}")
         _range("lora.alpha", self.alpha, 0, lo_open=True)
         _choice("lora.dtype", self.dtype, tuple(LORA_DTYPES))
 
@@ -220,26 +239,30 @@ class TrainSpec:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch default
     diversity_guard: float = 0.0  # reward-hacking guard: if held-out diversity < this x base, stop and restore the last LoRA that passed; 0 = off
+    drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
 
     def validate(self) -> None:
-        _range("train.iterations", self.iterations, 1)
-        _range("train.prompts_per_iteration", self.prompts_per_iteration, 1)
+        _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
+        _range("train.prompts_per_iteration", self.prompts_per_iteration, 1, MAX_PROMPTS_PER_ITERATION)
         _range("train.lr", self.lr, 0, 1, lo_open=True)
         _range("train.weight_decay", self.weight_decay, 0)
         _range("train.grad_clip", self.grad_clip, 0, lo_open=True)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
-        _range("train.warmup_iterations", self.warmup_iterations, 0)
-        _range("train.minibatches", self.minibatches, 1)
-        _range("train.inner_epochs", self.inner_epochs, 1)
-        _range("train.micro_batch", self.micro_batch, 1)
-        _range("train.rollout_batch", self.rollout_batch, 1)
-        _range("train.decode_batch", self.decode_batch, 1)
-        _range("train.checkpoint_every", self.checkpoint_every, 1)
-        _range("train.eval_every", self.eval_every, 0)
-        _range("train.sample_every", self.sample_every, 0)
-        _range("train.threads", self.threads, 0)
+        _range("train.warmup_iterations", self.warmup_iterations, 0, MAX_ITERATIONS)
+        _range("train.minibatches", self.minibatches, 1, 65536)
+        _range("train.inner_epochs", self.inner_epochs, 1, 100)
+        _range("train.micro_batch", self.micro_batch, 1, 65536)
+        _range("train.rollout_batch", self.rollout_batch, 1, 65536)
+        _range("train.decode_batch", self.decode_batch, 1, 65536)
+        _range("train.checkpoint_every", self.checkpoint_every, 1, MAX_ITERATIONS)
+        _range("train.eval_every", self.eval_every, 0, MAX_ITERATIONS)
+        _range("train.sample_every", self.sample_every, 0, MAX_ITERATIONS)
+        _range("train.seed", self.seed, 0, MAX_SEED)
+        _range("train.threads", self.threads, 0, MAX_THREADS)
         _range("train.diversity_guard", self.diversity_guard, 0, 1)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if self.drift_guard:
+            _range("train.drift_guard", self.drift_guard, 1, 100)
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
@@ -285,13 +308,22 @@ class JobSpec:
             self.prompt_list(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
-        from .rewards.base import reward_names
+        from .rewards.base import reward_names, reward_options
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:
                 raise SpecError(f"rewards[{i}] must be an object with a 'name', got {r!r}")
+            if not isinstance(r["name"], str):
+                raise SpecError(f"rewards[{i}].name must be a string, got {r['name']!r}")
             _choice(f"rewards[{i}].name", r["name"], tuple(reward_names()))
             _range(f"rewards[{i}].weight", r.get("weight", 1.0))
+            allowed = reward_options(r["name"])
+            unknown = sorted(set(r) - {"name", "weight", *allowed})
+            if unknown:
+                raise SpecError(f"unknown option 'rewards[{i}].{unknown[0]}' for reward {r['name']!r}; "
+                                f"its options: {', '.join(allowed) or 'none'}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
+            raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
         return self
 
     def prompt_list(self, eval: bool = False) -> list[str]:
@@ -300,6 +332,8 @@ class JobSpec:
         if isinstance(value, dict):
             if set(value) != {"file"}:
                 raise SpecError(f"{key} as an object takes only the key 'file', got {sorted(value)}")
+            if not isinstance(value["file"], str) or not value["file"]:
+                raise SpecError(f"{key}.file must be the path of a .txt file (a string), got {value['file']!r}")
             path = Path(value["file"])
             if not path.is_absolute() and self.base_dir:
                 path = Path(self.base_dir) / path
@@ -312,6 +346,10 @@ class JobSpec:
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise SpecError(f"{key} must be a list of strings or {{'file': 'prompts.txt'}}")
         value = [p.strip() for p in value]
+        if len(value) > MAX_PROMPTS:
+            raise SpecError(f"{key} has {len(value)} prompts; at most {MAX_PROMPTS} are allowed (split the run)")
+        if any(len(p) > MAX_PROMPT_CHARS for p in value):
+            raise SpecError(f"{key} has a prompt longer than {MAX_PROMPT_CHARS} characters")
         if not eval and not value and self.model.source != "default":
             raise SpecError(f"{key} is empty; give at least one prompt (the embedded default has its own prompt set)")
         if any(not p for p in value):
@@ -334,10 +372,23 @@ class JobSpec:
         if not path.is_file():
             raise SpecError(f"spec file not found: {path}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+            data = loads_strict(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
         return cls.from_dict(data, base_dir=str(path.resolve().parent))
+
+
+def loads_strict(text: str):
+    """json.loads that refuses a key given twice in one object (plain JSON silently keeps the last)."""
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise SpecError(f"the key {dup!r} appears twice in one object; keep one")
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs)
 
 
 def _build(cls, data, prefix: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .guidance import guided_velocity
+from .guidance import GuidedVelocity
 from .policies.base import FlowPolicy
 from .sde import ode_step
 
@@ -19,11 +19,11 @@ def sample_ode(policy: FlowPolicy, sigmas: list[float], prompts: list[str], seed
         ps, ss = prompts[i : i + batch], seeds[i : i + batch]
         x = torch.cat([torch.randn((1, *policy.latent_shape), generator=torch.Generator().manual_seed(int(s))) for s in ss])
         x = x.to(policy.device)
-        cond = policy.encode(ps)
+        velocity = GuidedVelocity(policy, policy.encode(ps), uncond=uncond, guidance_scale=guidance_scale, batch=batch)
+        rows = torch.arange(len(ps))
         for k in range(len(sigmas) - 1):
             s = torch.full((len(ps),), sigmas[k], device=policy.device)
-            v = guided_velocity(policy, x, s, cond, uncond, guidance_scale)
-            x = ode_step(x, v, s, torch.full_like(s, sigmas[k + 1]))
+            x = ode_step(x, velocity(x, s, rows), s, torch.full_like(s, sigmas[k + 1]))
         out.append(policy.decode(x).cpu())
     return torch.cat(out)
 
@@ -59,10 +59,11 @@ def within_prompt_diversity(images: torch.Tensor, groups: list) -> float:
 
 
 def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: list[float], *,
-             guidance_scale: float = 1.0, uncond=None, group_key=None, batch: int = 64) -> dict:
-    """Held-out reward (mean, 95% CI) and within-group diversity of ODE samples.
+             guidance_scale: float = 1.0, uncond=None, group_key=None, drift_fn=None, batch: int = 64) -> dict:
+    """Held-out reward (mean, 95% CI), within-group diversity and (with drift_fn) drift of ODE samples.
 
     group_key(prompt) -> the group a sample's diversity is measured in (default: the prompt itself).
+    drift_fn(images) -> how far the samples are from real data (lower is more realistic).
     """
     prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
     images = sample_ode(policy, sigmas, prompts, seeds, guidance_scale=guidance_scale, uncond=uncond, batch=batch)
@@ -72,5 +73,37 @@ def evaluate(policy: FlowPolicy, reward, pairs: list[tuple[str, int]], sigmas: l
     groups = [group_key(p) if group_key else p for p in prompts]
     if len(set(groups)) < len(groups):
         out["diversity"] = within_prompt_diversity(images, groups)
+    if drift_fn is not None:
+        out["drift"] = float(drift_fn(images))
     out["images"] = images
     return out
+
+
+class HeldOut:
+    """A job's held-out evaluation: the (prompt, seed) pairs, when it is due, and what it found so far."""
+
+    def __init__(self, trainer, pairs: list[tuple[str, int]], group_key=None, drift_fn=None, history: list | None = None):
+        self.trainer, self.pairs, self.group_key, self.drift_fn = trainer, pairs, group_key, drift_fn
+        self.history = list(history or [])
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    @property
+    def base(self) -> dict | None:
+        """The base model's entry (the evaluation before the first iteration)."""
+        return self.history[0] if self.history else None
+
+    def due(self, iteration: int) -> bool:
+        """After every train.eval_every iterations, and after the last."""
+        cfg = self.trainer.cfg
+        return bool(self.pairs) and ((cfg.eval_every and iteration % cfg.eval_every == 0) or iteration == cfg.iterations)
+
+    def run(self) -> dict:
+        t = self.trainer
+        res = evaluate(t.policy, t.reward, self.pairs, list(t.plan.sigmas), guidance_scale=t.algo.guidance_scale,
+                       uncond=t.uncond, group_key=self.group_key, drift_fn=self.drift_fn, batch=t.cfg.rollout_batch)
+        keys = ("reward_mean", "reward_ci", "diversity", "drift")
+        entry = {"iteration": t.state.iteration, **{k: res[k] for k in keys if k in res}}
+        self.history.append(entry)
+        return entry

@@ -1,4 +1,9 @@
-"""Classifier-free guidance on top of any FlowPolicy: v = v_u + s (v_c - v_u), one batched call."""
+"""Classifier-free guidance on top of any FlowPolicy, and the one velocity closure the engine calls.
+
+`guided_velocity` is v = v_u + s (v_c - v_u) in one batched call. `GuidedVelocity` binds a policy
+to an iteration's conds, guidance and batch size, and counts model evaluations (NFE), so rollout,
+evaluation and update never pass (policy, cond, uncond, scale, batch, counter) around by hand.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +28,27 @@ def guided_velocity(
 def evaluations_per_call(scale: float) -> int:
     """Model evaluations per sample per velocity call (CFG doubles the batch)."""
     return 1 if scale == 1.0 else 2
+
+
+class GuidedVelocity:
+    """v(x, sigma, prompt_rows) for one batch of prompts, in chunks of `batch` rows, counting NFE.
+
+    cond: the encoded prompts (row p = prompt p); prompt_rows: [B] which cond row each sample uses.
+    nfe counts model evaluations per sample (CFG counts twice), with or without gradients.
+    """
+
+    def __init__(self, policy: FlowPolicy, cond: Cond, *, uncond: Cond | None = None, guidance_scale: float = 1.0,
+                 batch: int = 64):
+        self.policy, self.cond, self.uncond, self.guidance_scale = policy, cond, uncond, guidance_scale
+        self.batch, self.nfe = batch, 0
+        self.per_row = evaluations_per_call(guidance_scale)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, x.shape[0], self.batch):
+            rows = prompt_rows[i : i + self.batch]
+            c = cond_select(self.cond, rows)
+            out.append(guided_velocity(self.policy, x[i : i + self.batch], sigma[i : i + self.batch], c, self.uncond,
+                                       self.guidance_scale).float())
+            self.nfe += rows.numel() * self.per_row
+        return torch.cat(out)

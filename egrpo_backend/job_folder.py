@@ -72,7 +72,7 @@ class EventLog:
 def load_spec(job_dir) -> JobSpec:
     path = Path(job_dir) / "job.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json); create one with `train SPEC --out DIR`")
+        raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json); create one with `train spec.json --out DIR`")
     return JobSpec.from_file(path)
 
 

@@ -9,7 +9,7 @@ Canonical form (what the trainer checkpoints and every format converts to and fr
     delta W = (alpha / r) * up @ down
 where the module path is the model's own dotted name (e.g. "transformer_blocks.0.attn.to_q").
 
-File formats (ARCHITECTURE.md, "LoRA formats"):
+File formats:
     kohya  lora_unet_<path with . -> _>.lora_down.weight / .lora_up.weight / .alpha
            (what ComfyUI and kohya tools load for ComfyUI/BFL-named models such as Flux)
     peft   transformer.<path>.lora_A.weight / .lora_B.weight, alpha / r folded into lora_B and no
@@ -350,13 +350,10 @@ def _header(tensors: dict[str, LoraTensors], fmt: str, metadata: dict | None) ->
     alphas = Counter(t.alpha for t in tensors.values())
     rank = ranks.most_common(1)[0][0]
     alpha = alphas.most_common(1)[0][0] if fmt != "peft" else rank  # peft: alpha folded, scale 1
-    header = {
-        "format": "pt",  # safetensors / transformers convention
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(float(alpha)),
-        "egrpo.lora_format": fmt,
-    }
+    header = {"format": "pt", "egrpo.lora_format": fmt}  # "format": the safetensors / transformers convention
+    if fmt == "kohya":  # kohya's own keys, only on the file that is laid out as kohya's networks.lora writes it
+        header.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+                       "ss_network_alpha": str(float(alpha))})
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return header

@@ -1,4 +1,4 @@
-"""The PPO-clipped policy-gradient objective of SPEC 6, as one pure function."""
+"""The PPO-clipped policy-gradient objective (docs/algorithm.md, "Update"), as one pure function."""
 
 from __future__ import annotations
 

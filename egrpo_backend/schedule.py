@@ -1,12 +1,12 @@
-"""Sigma grids, step entropy and the adaptive merge (SPEC 1 and 3) -> EntropyPlan.
+"""Sigma grids, step entropy and the adaptive merge (docs/algorithm.md, "Step entropy", "Merging") -> EntropyPlan.
 
-Pure arithmetic on the schedule: no model, no torch, microseconds. Notation (SPEC / paper):
+Pure arithmetic on the schedule: no model, no torch, microseconds. Notation (docs/algorithm.md / paper):
   sigma_i   noise level at step i (sigma_0 = 1 is pure noise, sigma_T = 0 is clean)
-  g_i       diffusion coefficient of the SDE at step i ("std_i" in SPEC 2):
+  g_i       diffusion coefficient of the SDE at step i (docs/algorithm.md, "The SDE step"):
               flow_grpo: g_i = a * sqrt(sigma_i / (1 - sigma_i))   (a = eta)
               constant : g_i = a                                   (DanceGRPO)
   step std  g_i * sqrt(sigma_i - sigma_{i+l})   (std of the Gaussian transition over l steps)
-  score     exp(h) = sqrt(2 pi e) * step std     (DECIDED in SPEC 3; compared with tau)
+  score     exp(h) = sqrt(2 pi e) * step std     (our reading, docs/algorithm.md "Step entropy and its reading"; compared with tau)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def validate_sigmas(sigmas: Iterable[float]) -> list[float]:
 
 
 def diffusion_coefficients(sigmas: Sequence[float], eta: float, kind: str = "flow_grpo") -> list[float]:
-    """g_i for i = 0..T-1. flow_grpo: at sigma_i = 1 the denominator uses 1 - sigma_{i+1} (SPEC 2)."""
+    """g_i for i = 0..T-1. flow_grpo: at sigma_i = 1 the denominator uses 1 - sigma_{i+1} (docs/algorithm.md, "The sigma = 1 step")."""
     if kind not in DIFFUSION_KINDS:
         raise ValueError(f"unknown diffusion kind {kind!r}; valid: {', '.join(DIFFUSION_KINDS)}")
     if eta < 0:

@@ -1,4 +1,4 @@
-"""One SDE / ODE / merged step with its Gaussian log-probability (SPEC 2).
+"""One SDE / ODE / merged step with its Gaussian log-probability (docs/algorithm.md, "The SDE step").
 
 Changed from Flow-GRPO's `sde_step_with_logprob`: the diffusion coefficient g is an argument (the
 plan computes it once, so the sigma = 1 convention and DanceGRPO's constant g live in schedule.py),
@@ -7,7 +7,7 @@ dt = sigma_next - sigma), and the log-prob is averaged, not summed, over latent 
 Like ddpo-pytorch's `ddim_step_with_logprob`, the same function samples a step or, given
 `prev_sample` (our `x_next`), recomputes the log-prob of a recorded transition.
 
-Names -> SPEC: x = x_t at sigma_i, v = model velocity (eps - x0), g = std_i, dt = sigma_j - sigma_i < 0,
+Names -> docs/algorithm.md: x = x_t at sigma_i, v = model velocity (eps - x0), g = std_i, dt = sigma_j - sigma_i < 0,
 mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt, scale = g sqrt(-dt).
 Everything is computed in float32 whatever dtype the model ran in.
 """
@@ -78,4 +78,17 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tenso
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """KL(N(mean_p, s^2) || N(mean_q, s^2)) averaged over non-batch dims -> [B] (equal scales)."""
     kl = (mean_p - mean_q) ** 2 / (2 * scale**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def flow_grpo_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, g) -> torch.Tensor:
+    """Flow-GRPO's KL penalty: ||mean_p - mean_q||^2 / (2 g^2) averaged over non-batch dims -> [B].
+
+    Flow-GRPO divides by the squared diffusion coefficient g (its `std_dev_t`), not by the squared
+    transition scale g^2 |dt| that `gaussian_kl` uses, so it equals `gaussian_kl * |dt|`
+    (docs/baselines.md, Flow-GRPO; Flow-GRPO scripts/train_sd3.py:900). `g` is a scalar or one
+    value per sample.
+    """
+    g = _per_sample(g, mean_p.float())
+    kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * g**2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -1,14 +1,16 @@
-"""The training loop: rollout -> reward -> advantage -> clipped update (SPEC 4-6).
+"""The training loop (docs/algorithm.md): rollout -> score -> advantage -> clipped update.
 
-Every random choice of iteration i comes from a generator seeded with (seed, i), so a run resumed
-from a checkpoint at iteration k repeats iterations k.. exactly as a straight run would.
+Data flows one way: `rollout` samples clean latents, `Trainer.score` decodes and rewards them in
+chunks of train.decode_batch, `advantages` normalises within groups, `Trainer.update` takes the
+clipped policy-gradient steps. Every random choice comes from randomness.stream_generator, so a
+run resumed from a checkpoint at iteration k repeats iterations k.. exactly as a straight run would.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -16,15 +18,18 @@ import torch
 from .advantage import advantages
 from .algorithms import branch_starts
 from .config import JobSpec
-from .guidance import guided_velocity
+from .guidance import GuidedVelocity
 from .objective import clipped_objective
-from .policies.base import FlowPolicy, cond_select
-from .rollout import Rollout, rollout
+from .policies.base import FlowPolicy
+from .randomness import stream_generator
 from .rewards.combine import WeightedRewards
+from .rollout import Rollout, rollout
 from .sde import gaussian_kl, sde_step
+from .telemetry import PhaseTimer
 
 log = logging.getLogger(__name__)
 UPDATE_MODES = ("averaged", "per_step")  # averaged: one loss over all active steps (paper); per_step: an optimizer step each (authors' code)
+SAMPLE_GROUPS = 4  # groups whose images a step returns for sample grids
 
 
 def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int) -> float:
@@ -39,19 +44,26 @@ def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int
     return base_lr * (1 - progress)
 
 
-def iteration_generator(seed: int, iteration: int, stream: int = 0) -> torch.Generator:
-    """Independent, reproducible randomness per (seed, iteration, stream).
-
-    Offset by 2**40 so training never draws from the small seeds held-out evaluations use."""
-    return torch.Generator().manual_seed(2**40 + (seed * 1_000_003 + iteration) * 7 + stream)
-
-
 @dataclass
 class TrainerState:
     iteration: int = 0  # iterations completed
     cursor: int = 0  # prompts consumed from the (epoch-shuffled) prompt stream
     nfe: int = 0  # model evaluations so far (rollouts and updates)
     history: list = field(default_factory=list)  # per-iteration metrics
+
+
+@dataclass
+class Scores:
+    rewards: torch.Tensor  # [NG, n_gran, G] weighted reward
+    components: dict[str, torch.Tensor]  # reward name -> [NG, n_gran, G] unweighted
+    images: torch.Tensor  # [k, C, H, W] finest-granularity images of the first SAMPLE_GROUPS groups
+
+
+@dataclass
+class StepResult:
+    metrics: dict  # what events.jsonl records for the iteration (phases included)
+    images: torch.Tensor  # [k, C, H, W] samples of the first groups, G consecutive images per group
+    prompts: list[str]  # the iteration's prompts
 
 
 class Trainer:
@@ -69,135 +81,171 @@ class Trainer:
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
 
     # --- data ----------------------------------------------------------------------------------
-    def next_prompts(self) -> list[str]:
-        """The next prompts of a stream that reshuffles every epoch (seeded), from the saved cursor."""
-        n, out = len(self.prompts), []
+    def next_prompts(self) -> tuple[list[str], list[int]]:
+        """The next prompts of a stream that reshuffles every epoch, and their slots in that stream."""
+        n, prompts, slots = len(self.prompts), [], []
         for _ in range(self.cfg.prompts_per_iteration):
             epoch, pos = divmod(self.state.cursor, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-            out.append(self.prompts[order[pos]])
+            order = torch.randperm(n, generator=stream_generator(self.cfg.seed, "prompt_order", epoch))
+            prompts.append(self.prompts[order[pos]])
+            slots.append(self.state.cursor)
             self.state.cursor += 1
-        return out
+        return prompts, slots
 
-    def reward_fn(self, images, prompts):
-        comps = self.reward.components(images, prompts)
-        return self.reward.combine(comps), comps
+    def velocity_for(self, prompts: list[str]) -> GuidedVelocity:
+        return GuidedVelocity(self.policy, self.policy.encode(prompts), uncond=self.uncond,
+                              guidance_scale=self.algo.guidance_scale, batch=self.cfg.rollout_batch)
 
     # --- one iteration ---------------------------------------------------------------------------
-    def step(self) -> dict:
-        it, t0 = self.state.iteration, time.perf_counter()
-        gen = iteration_generator(self.cfg.seed, it)
+    def step(self) -> StepResult:
+        it, seed, algo = self.state.iteration, self.cfg.seed, self.algo
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg.lr, self.cfg.iterations, self.cfg.lr_schedule, self.cfg.warmup_iterations)
+        phases = PhaseTimer(self.policy.device)
 
-        # 1. Rollout: groups of G members per (prompt, branch step).
-        prompts = self.next_prompts()
-        cond = self.policy.encode(prompts)
-        starts = branch_starts(self.algo, self.plan, it, gen)
-        ro = rollout(self.policy, self.plan, cond, prompts, starts, self.reward_fn, group_size=self.algo.group_size,
-                     generator=gen, granularities=self.algo.granularities, window=self.algo.sde_window,
-                     shared_noise=self.algo.shared_initial_noise, uncond=self.uncond,
-                     guidance_scale=self.algo.guidance_scale, chunk=self.cfg.rollout_batch)
-        # 2. Advantages within each group: [NG, n_gran, G] -> [NG, G].
-        per_reward = self.algo.reward_mode == "per_reward" and len(ro.components) > 1
-        adv = advantages(ro.rewards, mode=self.algo.advantage, clip=self.algo.advantage_clip, group_prompt=ro.group_prompt,
-                         components=ro.components if per_reward else None,
-                         weights=dict(zip([r.name for r in self.reward.rewards], self.reward.weights)))
-        # 3. Clipped policy-gradient update.
-        upd = self.update(ro, adv, cond, gen)
+        # 1. Rollout: groups of G members per (prompt, branch step); noise per (seed, iteration, prompt slot).
+        prompts, slots = self.next_prompts()
+        velocity = self.velocity_for(prompts)
+        starts = branch_starts(algo, self.plan, it, stream_generator(seed, "branch", it))
+        with phases("rollout"):
+            ro = rollout(velocity, self.plan, starts, [stream_generator(seed, "rollout", it, s) for s in slots],
+                         group_size=algo.group_size, granularities=algo.granularities, sde_window=algo.sde_window,
+                         shared_initial_noise=algo.shared_initial_noise)
+        # 2. Score: decode and reward in bounded chunks -> [NG, n_gran, G].
+        scores = self.score(ro, prompts, phases)
+        # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].
+        per_reward = algo.reward_mode == "per_reward" and len(scores.components) > 1
+        adv = advantages(scores.rewards, advantage=algo.advantage, clip=algo.advantage_clip, group_prompt=ro.group_prompt,
+                         components=scores.components if per_reward else None, weights=self.reward.weights)
+        # 4. Clipped policy-gradient update.
+        with phases("update"):
+            upd = self.update(ro, adv, velocity, it)
         self.state.iteration += 1
-        self.state.nfe += ro.nfe + upd.pop("nfe")
-        r = ro.rewards[:, 0]  # finest granularity [NG, G]
+        self.state.nfe += ro.nfe + upd["nfe"]
+        metrics = self._metrics(scores, adv, starts, ro.nfe, upd, phases)
+        self.state.history.append(metrics)
+        return StepResult(metrics, scores.images, prompts)
+
+    def score(self, ro: Rollout, prompts: list[str], phases: PhaseTimer) -> Scores:
+        """Decode and reward every member's clean latents, train.decode_batch images at a time."""
+        R, n_gran, G = ro.final.shape[0], ro.final.shape[1], self.algo.group_size
+        latents = ro.final.flatten(0, 1)  # [R * n_gran, *latent], member-major
+        row_prompts = [prompts[p] for p in ro.member_prompt.repeat_interleave(n_gran).tolist()]
+        keep_rows = min(R, SAMPLE_GROUPS * G) * n_gran
+        combined, components, kept = [], defaultdict(list), []
+        for i in range(0, latents.shape[0], self.cfg.decode_batch):
+            with phases("decode"):
+                images = self.policy.decode(latents[i : i + self.cfg.decode_batch].to(self.policy.device))
+            with phases("reward"):
+                total, parts = self.reward.score(images, row_prompts[i : i + self.cfg.decode_batch])
+            combined.append(total.detach().float().cpu())
+            for name, value in parts.items():
+                components[name].append(value.detach().float().cpu())
+            if i < keep_rows:
+                finest = [j for j in range(images.shape[0]) if (i + j) % n_gran == 0 and i + j < keep_rows]
+                kept.append(images[finest].detach().float().cpu())
+
+        def to_groups(t):  # [R * n_gran] -> [NG, n_gran, G]
+            return t.reshape(R // G, G, n_gran).transpose(1, 2).contiguous()
+
+        return Scores(to_groups(torch.cat(combined)), {k: to_groups(torch.cat(v)) for k, v in components.items()},
+                      torch.cat(kept))
+
+    def _metrics(self, scores: Scores, adv: torch.Tensor, starts, rollout_nfe: int, upd: dict, phases) -> dict:
+        r = scores.rewards[:, 0]  # finest granularity [NG, G]
         metrics = {
             "iteration": self.state.iteration, "reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
             "adv_mean": adv.mean().item(), "adv_std": adv.std(unbiased=False).item(), "adv_abs_max": adv.abs().max().item(),
-            "branch_steps": starts, "nfe": ro.nfe, "nfe_total": self.state.nfe,
-            "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, **upd,
+            "branch_steps": starts, "nfe": rollout_nfe, "nfe_update": upd["nfe"], "nfe_total": self.state.nfe,
+            "lr": self.optimizer.param_groups[0]["lr"], **{k: v for k, v in upd.items() if k != "nfe"},
+            "seconds": sum(p["seconds"] for p in phases.phases.values()), "phases": phases.phases,
         }
-        for name, comp in ro.components.items():
-            if len(ro.components) > 1:
-                metrics[f"reward/{name}"] = comp[:, 0].mean().item()
-        self.state.history.append(metrics)
-        self.last_rollout = ro
+        if len(scores.components) > 1:
+            metrics.update({f"reward/{name}": comp[:, 0].mean().item() for name, comp in scores.components.items()})
         return metrics
 
-    def _chunks(self, units: torch.Tensor, steps: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+    # --- the update --------------------------------------------------------------------------------
+    def _trained_transitions(self, ro: Rollout, gen: torch.Generator) -> torch.Tensor:
+        """[N] bool: every transition, or (train_fraction < 1, DanceGRPO) a random subset of each group's steps."""
+        keep = torch.ones(ro.member.numel(), dtype=torch.bool)
+        if self.algo.train_fraction >= 1.0:
+            return keep
+        n_pos = int(ro.window_pos.max()) + 1
+        n_keep = max(1, round(self.algo.train_fraction * n_pos))
+        group = ro.member // self.algo.group_size
+        for gid in group.unique().tolist():
+            chosen = torch.randperm(n_pos, generator=gen)[:n_keep]
+            sel = group == gid
+            keep[sel] &= torch.isin(ro.window_pos[sel], chosen)
+        return keep
+
+    def _minibatches(self, units: torch.Tensor, steps: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
         if self.algo.update_mode == "per_step":  # the authors' code: one optimizer step per active step
             return [units[steps == s] for s in steps.unique(sorted=True)]
         perm = units[torch.randperm(units.numel(), generator=gen)]
         return [c for c in perm.tensor_split(min(self.cfg.minibatches, perm.numel())) if c.numel()]
 
-    def update(self, ro: Rollout, adv: torch.Tensor, cond, gen: torch.Generator) -> dict:
-        G, dev = self.algo.group_size, self.policy.device
+    def update(self, ro: Rollout, adv: torch.Tensor, velocity: GuidedVelocity, iteration: int) -> dict:
+        seed, nfe_before = self.cfg.seed, velocity.nfe
+        keep = self._trained_transitions(ro, stream_generator(seed, "subset", iteration))
         adv_t = adv.flatten()[ro.member]  # [N] each transition inherits its member's advantage
-        keep = torch.ones(ro.member.numel(), dtype=torch.bool)
-        if self.algo.train_fraction < 1.0:  # DanceGRPO: train a random subset of each group's steps
-            n_pos = int(ro.window_pos.max()) + 1
-            n_keep = max(1, round(self.algo.train_fraction * n_pos))
-            group = ro.member // G
-            for gid in group.unique().tolist():
-                chosen = torch.randperm(n_pos, generator=gen)[:n_keep]
-                sel = group == gid
-                keep[sel] &= torch.isin(ro.window_pos[sel], chosen)
         units = ro.input_id[keep].unique()
-        ratios, clipfrac, losses, norms, kls, first_dev, nfe = [], [], [], [], [], None, 0
-        self.policy.set_lora_enabled(True)
+        stats = defaultdict(list)
         for _ in range(self.cfg.inner_epochs):
-            for chunk in self._chunks(units, ro.input_step[units], gen):
+            for chunk in self._minibatches(units, ro.input_step[units], stream_generator(seed, "shuffle", iteration)):
                 n_trans = int((torch.isin(ro.input_id, chunk) & keep).sum())
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in chunk.split(self.cfg.micro_batch):
-                    micro = micro.sort().values  # searchsorted below needs sorted ids
-                    t = torch.nonzero(torch.isin(ro.input_id, micro) & keep).squeeze(1)  # [n] transitions
-                    x_in = ro.input_x[micro].to(dev)
-                    sigma = ro.input_sigma[micro].to(dev)
-                    c = cond_select(cond, ro.input_prompt[micro])
-                    # One forward with gradients per unique input; its G members reuse it.
-                    v = guided_velocity(self.policy, x_in, sigma, c, self.uncond, self.algo.guidance_scale)
-                    nfe += micro.numel() * (1 if self.uncond is None else 2)
-                    row = torch.searchsorted(micro, ro.input_id[t]).to(dev)  # transition -> row of micro
-                    out = sde_step(x_in[row], v[row], sigma[row], ro.sigma_next[t].to(dev), ro.g[t].to(dev),
-                                   x_next=ro.x_next[t].to(dev))
-                    terms = clipped_objective(out.log_prob, ro.log_prob[t].to(dev), adv_t[t].to(dev), self.algo.clip_range)
-                    loss = terms.loss.sum() / n_trans
-                    if self.algo.kl_beta > 0:
-                        with torch.no_grad():  # reference = the base model (LoRA off)
-                            self.policy.set_lora_enabled(False)
-                            v_ref = guided_velocity(self.policy, x_in, sigma, c, self.uncond, self.algo.guidance_scale)
-                            self.policy.set_lora_enabled(True)
-                            ref = sde_step(x_in[row], v_ref[row], sigma[row], ro.sigma_next[t].to(dev), ro.g[t].to(dev),
-                                           x_next=ro.x_next[t].to(dev))
-                        kl = gaussian_kl(out.mean, ref.mean, out.scale)
-                        loss = loss + self.algo.kl_beta * kl.sum() / n_trans
-                        kls.append(kl.detach().cpu())
-                    loss.backward()
-                    if first_dev is None or len(norms) == 0:  # on-policy check: before the first optimizer step
-                        dev_now = (terms.ratio - 1).abs().max().item()
-                        first_dev = dev_now if first_dev is None else max(first_dev, dev_now)
-                    ratios.append(terms.ratio.cpu())
-                    clipfrac.append(terms.clipped.float().cpu())
-                    losses.append(loss.item())
+                    self._backward(ro, adv_t, keep, micro.sort().values, n_trans, velocity, stats)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 if not torch.isfinite(norm):
                     raise FloatingPointError("gradient norm is NaN/inf; lower train.lr or check the reward for extreme values")
-                norms.append(norm.item())
+                stats["norms"].append(norm.item())
                 self.optimizer.step()
-        ratio = torch.cat(ratios)
+        ratio = torch.cat(stats["ratios"])
         out = {"ratio_mean": ratio.mean().item(), "ratio_max_dev": (ratio - 1).abs().max().item(),
-               "ratio_first_dev": first_dev, "clip_frac": torch.cat(clipfrac).mean().item(),
-               "loss": sum(losses), "grad_norm": sum(norms) / len(norms), "optimizer_steps": len(norms),
-               "trained_transitions": int(keep.sum()), "nfe": nfe}
-        if kls:
-            out["kl"] = torch.cat(kls).mean().item()
+               "ratio_first_dev": max(stats["first_dev"]), "clip_frac": torch.cat(stats["clipped"]).mean().item(),
+               "loss": sum(stats["losses"]), "grad_norm": sum(stats["norms"]) / len(stats["norms"]),
+               "optimizer_steps": len(stats["norms"]), "trained_transitions": int(keep.sum()),
+               "nfe": velocity.nfe - nfe_before}
+        if stats["kls"]:
+            out["kl"] = torch.cat(stats["kls"]).mean().item()
         return out
+
+    def _backward(self, ro: Rollout, adv_t, keep, micro: torch.Tensor, n_trans: int, velocity: GuidedVelocity, stats):
+        """Loss of the transitions whose input is in `micro` (sorted unique input ids), backpropagated."""
+        dev = self.policy.device
+        t = torch.nonzero(torch.isin(ro.input_id, micro) & keep).squeeze(1)  # [n] transitions
+        x_in, sigma = ro.input_x[micro].to(dev), ro.input_sigma[micro].to(dev)
+        row = torch.searchsorted(micro, ro.input_id[t]).to(dev)  # transition -> its input's row in micro
+        sigma_next, g, x_next = ro.sigma_next[t].to(dev), ro.g[t].to(dev), ro.x_next[t].to(dev)
+        # One forward with gradients per unique input; its G members reuse it.
+        v = velocity(x_in, sigma, ro.input_prompt[micro])
+        out = sde_step(x_in[row], v[row], sigma[row], sigma_next, g, x_next=x_next)
+        terms = clipped_objective(out.log_prob, ro.log_prob[t].to(dev), adv_t[t].to(dev), self.algo.clip_range)
+        loss = terms.loss.sum() / n_trans
+        if self.algo.kl_beta > 0:  # reference = the base model (LoRA off)
+            with torch.no_grad(), self.policy.lora_disabled():
+                v_ref = velocity(x_in, sigma, ro.input_prompt[micro])
+            ref = sde_step(x_in[row], v_ref[row], sigma[row], sigma_next, g, x_next=x_next)
+            kl = gaussian_kl(out.mean, ref.mean, out.scale)
+            loss = loss + self.algo.kl_beta * kl.sum() / n_trans
+            stats["kls"].append(kl.detach().cpu())
+        loss.backward()
+        if not stats["norms"]:  # on-policy check: every ratio before the first optimizer step is 1
+            stats["first_dev"].append((terms.ratio - 1).abs().max().item())
+        stats["ratios"].append(terms.ratio.cpu())
+        stats["clipped"].append(terms.clipped.float().cpu())
+        stats["losses"].append(loss.item())
 
     # --- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "iteration": self.state.iteration, "cursor": self.state.cursor,
-                "nfe": self.state.nfe, "torch_rng": torch.get_rng_state()}
+                "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.state.iteration, self.state.cursor, self.state.nfe = int(sd["iteration"]), int(sd["cursor"]), int(sd["nfe"])
+        self.state.history = list(sd["history"])
         torch.set_rng_state(sd["torch_rng"])

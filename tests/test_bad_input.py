@@ -36,6 +36,21 @@ def spec(**over):
     (spec(prompts={"file": "missing.txt"}), "prompt file not found"),  # 16 missing file
     ({"model": {"source": "diffusers"}, "prompts": ["x"]}, "model.path is required"),  # 17 missing model path
     (spec(train={"device": "tpu"}), "train.device = 'tpu'"),  # 18 bad device
+    # Gaps a hostile or careless spec found (each once gave a traceback, an endless job or silent nonsense):
+    (spec(algorithm={"preset": ["egrpo"]}), "algorithm.preset must be a string"),
+    (spec(prompts={"file": 3}), "prompts.file must be the path"),
+    (spec(algorithm={"active": 3.5}), "algorithm.active must be a string"),
+    (spec(algorithm={"active": None}), "algorithm.active must be a string"),
+    (spec(train={"threads": 100000}), "train.threads = 100000 is out of range"),
+    (spec(train={"prompts_per_iteration": 1e9}), "train.prompts_per_iteration = 1000000000 is out of range"),
+    (spec(algorithm={"granularities": [True]}), "algorithm.granularities must be"),
+    (spec(train={"warmup_iterations": 1e18}), "train.warmup_iterations"),
+    (spec(train={"seed": 2**70}), "train.seed"),
+    (spec(lora={"init_seed": 2**70}), "lora.init_seed"),
+    (spec(eval_seeds=["a"]), "eval_seeds must be a list of integers"),
+    (spec(rewards=[{"name": "jpeg_compressibility", "colour": True}]), "unknown option 'rewards[0].colour'"),
+    (spec(prompts=[f"p{i}" for i in range(100_001)]), "at most 100000"),
+    (spec(train={"device": "cuda:x"}), "train.device = 'cuda:x'"),
 ])
 def test_bad_specs_are_rejected_with_the_key_and_the_allowed_values(data, needle):
     with pytest.raises(SpecError) as e:
@@ -110,3 +125,17 @@ def test_cuda_requested_without_cuda():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_a_duplicated_key_is_refused(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text('{"model": {"source": "default"}, "train": {"lr": 0.1, "lr": 0.2}}')
+    with pytest.raises(SpecError, match="the key 'lr' appears twice"):
+        JobSpec.from_file(path)
+
+
+def test_bad_specs_create_nothing(tmp_path):
+    for i, data in enumerate([spec(train={"threads": 100000}), spec(algorithm={"active": None})]):
+        with pytest.raises(SpecError):
+            create_job(data, tmp_path / f"job{i}")
+        assert not (tmp_path / f"job{i}").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
 from egrpo_backend.jobs import create_job, read_events, read_status, request_cancel, resume_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_sigkill_mid_iteration_resumes_from_last_checkpoint(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert read_status(job)["status"] == "running"  # stale: the process died without a word
-    ckpt = json.loads((job / "checkpoints" / "latest.json").read_text())["iteration"]
+    ckpt = read_checkpoint(latest_checkpoint(job))["trainer"]["iteration"]
     assert 2 <= ckpt < 5
     out = cli_run("resume", job)
     assert out.returncode == 0 and "after 5 iterations" in out.stdout, out.stderr[-2000:]
@@ -168,3 +169,23 @@ def test_diversity_guard_stops_and_restores_the_last_passing_lora(tmp_path, monk
     assert len(guard) == 1 and guard[0]["restored"] == 1 and guard[0]["diversity"] == 3.0
     kept = load_file(str(job / "checkpoints" / "iter_000001" / "lora.safetensors"))
     assert_same_lora(kept, lora_of(job, "digits.comfy.safetensors"))
+
+
+def test_drift_guard_stops_when_samples_leave_real_data(tmp_path, monkeypatch):
+    """The other sign of reward hacking: held-out drift from real data above guard x base stops the
+    run and restores the last LoRA that passed; the guard event says which check fired."""
+    from egrpo_backend import evaluation
+
+    drifts = iter([2.0, 2.05, 2.5, 2.5])  # base, iteration 1 (+2.5%: passes), iteration 2 (+25%: drifted)
+
+    def fake_evaluate(policy, reward, pairs, sigmas, **kw):
+        assert kw["drift_fn"] is not None  # the embedded default measures drift (nearest real digit)
+        return {"reward_mean": 0.5, "reward_ci": [0.4, 0.6], "diversity": 4.0, "drift": next(drifts), "scores": [0.5]}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    job = create_job(tiny_spec(iterations=4, evaluate=True, eval_every=1, diversity_guard=0.9, drift_guard=1.05),
+                     tmp_path / "job")
+    result = run_job(job, progress=False)
+    assert result["status"] == "stopped" and result["iteration"] == 2
+    guard = next(e for e in read_events(job)[0] if e["type"] == "guard")
+    assert guard["restored"] == 1 and guard["drift"] == 2.5 and "drift 2.500 rose above 1.05 x base" in guard["message"]

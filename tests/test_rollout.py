@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from egrpo_backend.guidance import GuidedVelocity
 from egrpo_backend.rollout import coarse_grid, expected_nfe, rollout, window_steps
 from egrpo_backend.schedule import build_plan, shifted_sigmas
 from egrpo_backend.sde import ode_step, sde_step
@@ -29,20 +30,29 @@ class CountingPolicy:
         return ((latents + 1) / 2).clamp(0, 1)
 
 
-def mean_pixel(images, prompts):
-    r = images.mean((1, 2, 3))
-    return r, {"mean_pixel": r}
+def mean_pixel(images):
+    return images.mean((1, 2, 3))
+
+
+def rewards_of(policy, ro, G):
+    """The mean-pixel reward of every member, as the trainer shapes rewards: [NG, n_gran, G]."""
+    R, n_gran = ro.final.shape[:2]
+    r = mean_pixel(policy.decode(ro.final.flatten(0, 1)))
+    return r.reshape(R // G, G, n_gran).transpose(1, 2)
+
+
+def generators(seed, n):
+    return [torch.Generator().manual_seed(seed * 1000 + p) for p in range(n)]
 
 
 PAPER = dict(eta=0.7, tau=2.2, active="0-7")
 
 
-def run(policy, plan, starts, G=8, gran=(1,), window=1, shared=True, scale=1.0, seed=0, prompts=("a", "bb")):
-    cond = policy.encode(list(prompts))
+def run(policy, plan, starts, G=8, gran=(1,), window=1, shared=True, scale=1.0, seed=0, prompts=("a", "bb"), gens=None):
     uncond = policy.encode([""]) if scale != 1.0 else None
-    return rollout(policy, plan, cond, list(prompts), starts, mean_pixel, group_size=G,
-                   generator=torch.Generator().manual_seed(seed), granularities=list(gran), window=window,
-                   shared_noise=shared, uncond=uncond, guidance_scale=scale)
+    velocity = GuidedVelocity(policy, policy.encode(list(prompts)), uncond=uncond, guidance_scale=scale)
+    return rollout(velocity, plan, starts, gens or generators(seed, len(prompts)), group_size=G,
+                   granularities=list(gran), sde_window=window, shared_initial_noise=shared)
 
 
 def test_paper_setting_costs_672_evaluations_per_prompt():
@@ -81,8 +91,7 @@ def test_branch_inputs_are_shared_and_come_from_the_anchor():
     assert ro.x_next.shape[0] == n_groups * 8
     assert torch.equal(ro.input_id, torch.arange(n_groups).repeat_interleave(8))
     # Rebuild the anchor by hand for prompt 0 and check the state of group (prompt 0, step 4).
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((2, 1, 4, 4), generator=gen)[:1]
+    x = torch.randn((1, 1, 4, 4), generator=generators(0, 1)[0])
     cond = policy.encode(["a"])
     for k in range(4):
         x = ode_step(x, policy.velocity(x, torch.tensor([plan.sigmas[k]]), cond), plan.sigmas[k], plan.sigmas[k + 1])
@@ -99,12 +108,13 @@ def test_branch_inputs_are_shared_and_come_from_the_anchor():
 
 def test_rewards_have_group_shape_and_rollouts_are_reproducible():
     plan = build_plan(shifted_sigmas(8, 3.0), 0.7, 2.2, "0-3")
-    a = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=3)
-    b = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=3)
-    c = run(CountingPolicy(), plan, plan.active, G=4, gran=(1, 2), seed=4)
-    assert a.rewards.shape == (2 * 4, 2, 4)
-    assert torch.equal(a.rewards, b.rewards) and torch.equal(a.x_next, b.x_next)
-    assert not torch.equal(a.rewards, c.rewards)
+    policy = CountingPolicy()
+    a = run(policy, plan, plan.active, G=4, gran=(1, 2), seed=3)
+    b = run(policy, plan, plan.active, G=4, gran=(1, 2), seed=3)
+    c = run(policy, plan, plan.active, G=4, gran=(1, 2), seed=4)
+    assert rewards_of(policy, a, 4).shape == (2 * 4, 2, 4)
+    assert torch.equal(rewards_of(policy, a, 4), rewards_of(policy, b, 4)) and torch.equal(a.x_next, b.x_next)
+    assert not torch.equal(rewards_of(policy, a, 4), rewards_of(policy, c, 4))
 
 
 def test_coarse_grid_always_ends_at_zero():
@@ -122,3 +132,37 @@ def test_window_steps_follow_merge_widths():
     assert window_steps(plan, 14, 0) == [(14, 16)]  # no width reaches tau: merge to the end (DECIDED)
     single = build_plan(shifted_sigmas(16, 3.0), 0.7, 0.0, "all")
     assert window_steps(single, 14, 0) == [(14, 15), (15, 16)]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_prompts_rollout_does_not_depend_on_the_other_prompts(shared):
+    """Noise comes from each prompt's own generator (seed, iteration, prompt slot): prompt "bb" rolled
+    out alone gives the same latents and log-probs as beside other prompts, first or last."""
+    plan = build_plan(shifted_sigmas(16, 3.0), **PAPER)
+    policy = CountingPolicy()
+
+    def gen(slot):
+        return torch.Generator().manual_seed(100 + slot)
+
+    alone = run(policy, plan, plan.active, G=4, shared=shared, prompts=("bb",), gens=[gen(7)])
+    together = run(policy, plan, plan.active, G=4, shared=shared, prompts=("a", "bb", "ccc"), gens=[gen(1), gen(7), gen(9)])
+    mine = together.member_prompt == 1
+    torch.testing.assert_close(together.final[mine], alone.final, rtol=0, atol=0)
+    t_mine = torch.isin(together.member, mine.nonzero().squeeze(1))
+    assert torch.equal(together.log_prob[t_mine], alone.log_prob)
+    assert torch.equal(together.x_next[t_mine], alone.x_next)
+
+
+def test_a_prompts_rollout_does_not_depend_on_the_batch_with_a_real_transformer():
+    """The same with a tiny real SD3 transformer: equal to float rounding of batched matmuls."""
+    from tiny_models import make_policy
+
+    policy = make_policy("sd3")
+    plan = build_plan(shifted_sigmas(6, 3.0), 0.7, 2.2, "0-2")
+    alone = run(policy, plan, plan.active, G=2, prompts=("a blue sphere",), gens=[generators(5, 1)[0]])
+    both = run(policy, plan, plan.active, G=2, prompts=("a red cube", "a blue sphere"),
+               gens=[generators(9, 1)[0], generators(5, 1)[0]])
+    mine = both.member_prompt == 1
+    torch.testing.assert_close(both.final[mine], alone.final, rtol=0, atol=1e-5)
+    t_mine = torch.isin(both.member, mine.nonzero().squeeze(1))
+    torch.testing.assert_close(both.log_prob[t_mine], alone.log_prob, rtol=0, atol=1e-5)

@@ -33,7 +33,7 @@ def test_training_changes_only_lora_parameters(kind):
     policy, trainer = make_trainer(kind)
     model = policy.lora_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    metrics = [trainer.step() for _ in range(2)]
+    metrics = [trainer.step().metrics for _ in range(2)]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "no parameter changed"
     assert all("lora_" in n for n in changed), f"non-LoRA parameters changed: {sorted(changed)[:3]}"
@@ -46,7 +46,7 @@ def test_training_changes_only_lora_parameters(kind):
 
 def test_ratio_is_exactly_one_before_any_update():
     policy, trainer = make_trainer("sd3", update_mode="per_step")
-    m = trainer.step()
+    m = trainer.step().metrics
     assert m["ratio_first_dev"] < 1e-5
     assert m["optimizer_steps"] == 3  # per_step: one optimizer step per active step
 
@@ -54,19 +54,19 @@ def test_ratio_is_exactly_one_before_any_update():
 @pytest.mark.parametrize("preset", ["egrpo", "egrpo_fast", "granular", "dance", "flowgrpo", "flowgrpo_fast", "mixgrpo"])
 def test_every_preset_trains(preset):
     policy, trainer = make_trainer("sd3", preset=preset, **({"active": "0-2"} if preset not in ("dance", "flowgrpo") else {"active": "all"}))
-    m = trainer.step()
+    m = trainer.step().metrics
     assert m["ratio_first_dev"] < 1e-5 and m["trained_transitions"] > 0
 
 
 def test_kl_to_base_model_is_logged_and_zero_at_start():
     policy, trainer = make_trainer("sd3", kl_beta=0.1)
-    m = trainer.step()
+    m = trainer.step().metrics
     assert m["kl"] >= 0 and m["kl"] < 1e-3  # LoRA starts at zero, so policy == base before the first step
 
 
 def test_cfg_rollouts_and_updates():
     policy, trainer = make_trainer("sd3", guidance_scale=3.0, negative_prompt="blurry")
-    m = trainer.step()
+    m = trainer.step().metrics
     assert m["ratio_first_dev"] < 1e-5
 
 
@@ -91,5 +91,43 @@ def test_sana_transformer_trains():
     assert policy.family == "sana"
     add_lora(policy.lora_model(), LoraSettings(rank=2, alpha=2.0), seed=0)
     trainer = Trainer(policy, small_spec(), WeightedRewards([build_reward("jpeg_compressibility")], [1.0]), PROMPTS)
-    m = trainer.step()
+    m = trainer.step().metrics
     assert m["ratio_first_dev"] < 1e-5 and any(p.grad is not None for p in policy.trainable_parameters())
+
+
+def test_decode_and_reward_never_see_more_than_decode_batch():
+    """Scoring is chunked: a counting VAE decode and a counting reward see at most train.decode_batch
+    images per call, and every phase reports its seconds (peak memory is None on a CPU device)."""
+    policy = make_policy("sd3")
+    add_lora(policy.lora_model(), LoraSettings(rank=2, alpha=2.0), seed=0)
+    decode_sizes, reward_sizes = [], []
+    decode = policy.decode
+
+    def counting_decode(latents):
+        decode_sizes.append(latents.shape[0])
+        return decode(latents)
+
+    class CountingReward:
+        name = "counting"
+
+        def __call__(self, images, prompts):
+            reward_sizes.append(images.shape[0])
+            return images.mean((1, 2, 3))
+
+    policy.decode = counting_decode
+    spec = small_spec(granularities=[1, 2])
+    spec.train.decode_batch = 5
+    trainer = Trainer(policy, spec, WeightedRewards([CountingReward()], [1.0]), PROMPTS)
+    m = trainer.step().metrics
+    rows = 2 * 3 * 4 * 2  # prompts x branch steps x G x granularities
+    assert sum(decode_sizes) == sum(reward_sizes) == rows
+    assert max(decode_sizes) == max(reward_sizes) == 5
+    assert set(m["phases"]) == {"rollout", "decode", "reward", "update"}
+    assert all(p["seconds"] > 0 and p["peak_mem_gb"] is None for p in m["phases"].values())
+
+
+def test_step_returns_sample_images_of_the_first_groups():
+    policy, trainer = make_trainer("sd3")
+    result = trainer.step()
+    assert result.images.shape == (4 * 4, 3, 16, 16)  # SAMPLE_GROUPS groups of G = 4, finest granularity
+    assert len(result.prompts) == 2 and set(result.prompts) <= set(PROMPTS)

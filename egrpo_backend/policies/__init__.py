@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Cond, FlowPolicy, cond_batch, cond_cat, cond_select
+from .base import Cond, FlowPolicy, cond_cat, cond_select
 
 SOURCES = ("default", "diffusers", "comfy")
 FAMILY_NAMES = ("sd3", "flux", "sana")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
@@ -52,5 +52,5 @@ def source_defaults(model_spec) -> dict:
     return {}
 
 
-__all__ = ["Cond", "FlowPolicy", "FAMILY_NAMES", "SOURCES", "build_policy", "cond_batch", "cond_cat", "cond_select",
+__all__ = ["Cond", "FlowPolicy", "FAMILY_NAMES", "SOURCES", "build_policy", "cond_cat", "cond_select",
            "resolve_device", "resolve_dtype", "source_defaults"]

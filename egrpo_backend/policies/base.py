@@ -11,7 +11,8 @@ asks which model is behind it. Conventions:
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import contextlib
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 
@@ -37,6 +38,20 @@ class FlowPolicy(Protocol):
 
     def set_lora_enabled(self, enabled: bool) -> None: ...
 
+    def lora_disabled(self) -> contextlib.AbstractContextManager:
+        """`with policy.lora_disabled():` runs the base model (the KL reference), then turns the LoRA back on."""
+        ...
+
+
+@contextlib.contextmanager
+def lora_disabled(policy) -> Iterator[None]:
+    """The shared implementation of FlowPolicy.lora_disabled, for policies that toggle via set_lora_enabled."""
+    policy.set_lora_enabled(False)
+    try:
+        yield
+    finally:
+        policy.set_lora_enabled(True)
+
 
 def cond_select(cond: Cond, index: torch.Tensor | list[int]) -> Cond:
     """Rows `index` of every tensor in cond (repeats allowed)."""
@@ -47,7 +62,3 @@ def cond_select(cond: Cond, index: torch.Tensor | list[int]) -> Cond:
 def cond_cat(conds: list[Cond]) -> Cond:
     keys = conds[0].keys()
     return {k: torch.cat([c[k] for c in conds], 0) for k in keys}
-
-
-def cond_batch(cond: Cond) -> int:
-    return next(iter(cond.values())).shape[0]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import lora as lora_lib
+from .base import lora_disabled
 
 
 def _import_comfy(root: str, device: torch.device):
@@ -122,6 +123,9 @@ class ComfyPolicy:
 
     def set_lora_enabled(self, enabled: bool) -> None:
         lora_lib.set_lora_enabled(self.diffusion_model, enabled)
+
+    def lora_disabled(self):
+        return lora_disabled(self)
 
 
 def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> ComfyPolicy:

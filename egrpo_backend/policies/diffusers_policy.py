@@ -16,7 +16,7 @@ import torch
 
 from .. import lora as lora_lib
 from . import FAMILY_NAMES
-from .base import Cond
+from .base import Cond, lora_disabled
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ class DiffusersPolicy:
 
     def set_lora_enabled(self, enabled: bool) -> None:
         lora_lib.set_lora_enabled(self.transformer, enabled)
+
+    def lora_disabled(self):
+        return lora_disabled(self)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):

@@ -1,4 +1,4 @@
-"""A weighted combination of rewards is a Reward too; `components` feeds per-reward advantages."""
+"""A weighted combination of rewards is a Reward too; it owns each reward's weight by name."""
 
 from __future__ import annotations
 
@@ -16,15 +16,21 @@ class WeightedRewards:
         names = [r.name for r in rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"a reward is listed twice: {names}")
-        self.rewards, self.weights = list(rewards), [float(w) for w in weights]
-        self.name = "+".join(f"{w:g}*{n}" for w, n in zip(self.weights, names)) if len(names) > 1 else names[0]
+        self.rewards = list(rewards)
+        self.weights: dict[str, float] = {n: float(w) for n, w in zip(names, weights)}
+        self.name = "+".join(f"{w:g}*{n}" for n, w in self.weights.items()) if len(names) > 1 else names[0]
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Unweighted scores of each reward, name -> [B]."""
         return {r.name: check_scores(r(images, prompts), images.shape[0], r.name) for r in self.rewards}
 
     def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(w * components[r.name] for r, w in zip(self.rewards, self.weights))
+        return sum(self.weights[name] * scores for name, scores in components.items())
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted sum [B], each reward's own scores name -> [B])."""
+        components = self.components(images, prompts)
+        return self.combine(components), components
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.combine(self.components(images, prompts))
+        return self.score(images, prompts)[0]

@@ -1,0 +1,65 @@
+"""From a JobSpec to a ready Trainer: policy, LoRA, rewards, prompt encoding. Jobs, benchmarks and
+tests all build through here, so the order (policy -> LoRA -> encode -> free encoders -> Trainer)
+is written once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import lora as lora_lib
+from .config import JobSpec
+from .policies import build_policy, resolve_device, resolve_dtype, source_defaults
+from .policies.base import FlowPolicy
+from .rewards import WeightedRewards, build_reward
+from .trainer import Trainer
+
+DEFAULT_EVAL_SEEDS = range(10000, 10010)  # held-out noise seeds when the spec gives eval prompts but no seeds
+
+
+def training_prompts(spec: JobSpec) -> list[str]:
+    return spec.prompt_list() or source_defaults(spec.model).get("prompts", [])
+
+
+def eval_pairs(spec: JobSpec) -> list[tuple[str, int]]:
+    """Held-out (prompt, seed) pairs: the spec's eval prompts x eval seeds, or the model's own set."""
+    if not spec.train.evaluate:
+        return []
+    if spec.eval_prompts:
+        return [(p, s) for p in spec.prompt_list(eval=True) for s in (spec.eval_seeds or DEFAULT_EVAL_SEEDS)]
+    return source_defaults(spec.model).get("eval_pairs", [])
+
+
+def texts_to_encode(spec: JobSpec) -> list[str]:
+    """Every text a job encodes: training prompts, held-out prompts and the negative prompt, once each.
+
+    The ComfyUI node encodes exactly these into the job's cond cache, the job encodes them before
+    its first iteration: one list, so the two can never drift apart."""
+    pairs = eval_pairs(spec)
+    return list(dict.fromkeys(training_prompts(spec) + [p for p, _ in pairs] + [spec.algorithm.negative_prompt]))
+
+
+def build_rewards(spec: JobSpec) -> WeightedRewards:
+    rewards = [build_reward(r["name"], **{k: v for k, v in r.items() if k not in ("name", "weight")}) for r in spec.rewards]
+    return WeightedRewards(rewards, [float(r.get("weight", 1.0)) for r in spec.rewards])
+
+
+def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
+    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
+                                     target_modules=spec.lora.target_modules or None)
+    lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
+
+
+def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: WeightedRewards | None = None,
+                  job_dir: Path | None = None) -> Trainer:
+    """A Trainer for `spec`. A given policy (without a LoRA yet) or reward is used instead of building one."""
+    if policy is None:
+        device = resolve_device(spec.train.device)
+        policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device))
+    if not policy.trainable_parameters():
+        add_job_lora(policy, spec)
+    reward = reward or build_rewards(spec)
+    # Encode every text once; the text encoders can then leave memory for good.
+    policy.encode(texts_to_encode(spec))
+    if hasattr(policy, "release_text_encoder"):
+        policy.release_text_encoder()
+    return Trainer(policy, spec, reward, training_prompts(spec))
