@@ -37,6 +37,7 @@ from typing import Callable
 
 from egrpo_backend import job_process
 from egrpo_backend import jobs as backend_jobs
+from egrpo_backend.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
 
 from .job_queue import JobQueue
@@ -449,15 +450,9 @@ class JobManager:
         try:
             ckpt = backend_jobs.latest_checkpoint(path)
             if ckpt is not None:
-                iteration = int(backend_jobs.read_json(ckpt / "state.json", {}).get("iteration", 0))
+                iteration = int(read_checkpoint(ckpt)["trainer"]["iteration"])
                 spec = backend_jobs.load_spec(path)
-                lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)
-                if spec.output.copy_to:
-                    from egrpo_backend.atomic import atomic_write_bytes
-
-                    dest = Path(spec.output.copy_to) / lora.name
-                    atomic_write_bytes(dest, lora.read_bytes())
-                    lora = dest
+                lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)  # (and its copy_to copy)
         except Exception as e:  # noqa: BLE001
             log.warning("E-GRPO: exporting the last checkpoint of %s failed: %s", run.job_id, e)
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)

@@ -216,9 +216,9 @@ class TrainLoraNode(io.ComfyNode):
         job_checks.check_device(job.train.device)
         job_checks.check_reward_files(job.rewards)
         if source == "comfy" and not (job_dir / "job.json").exists():
-            texts = list(prompts) + [p for p in spec.get("eval_prompts", []) if isinstance(p, str)]
-            texts.append(spec["algorithm"].get("negative_prompt", ""))
-            encode_prompts(clip, list(dict.fromkeys(texts)), job_dir / "conds.safetensors")
+            from egrpo_backend.build import texts_to_encode
+
+            encode_prompts(clip, texts_to_encode(job), job_dir / "conds.safetensors")  # exactly what the job encodes
         manager.submit(spec, job_id)
         return io.NodeOutput(job_id, job_id)
 

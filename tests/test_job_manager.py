@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from egrpo_backend import job_process  # noqa: E402
+from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
 from egrpo_backend.jobs import create_job, read_status, request_cancel, write_status  # noqa: E402
 from nodes.job_manager import JobError, JobManager  # noqa: E402
 
@@ -233,7 +234,7 @@ def test_force_cancel_reads_cancelled_at_the_checkpoint_its_lora_comes_from(mana
     wait_for(lambda: manager.get(job)["status"] != "running", what="end of the killed job")
     info = manager.get(job)
     assert info["status"] == "cancelled", info
-    ckpt = json.loads((manager.root / job / "checkpoints" / "latest.json").read_text())["iteration"]
+    ckpt = read_checkpoint(latest_checkpoint(manager.root / job))["trainer"]["iteration"]
     assert ckpt % 3 == 0 and ckpt >= 3 and info["iteration"] == ckpt
     assert Path(info["lora"]).is_file() and f"iteration {ckpt}" in info["message"]
     done = sent(manager, job, "done")
