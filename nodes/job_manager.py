@@ -180,11 +180,14 @@ class JobManager:
 
     def _waiting_message(self, job_id: str) -> str:
         """Why a queued job waits, for the panel and the Job node."""
-        pos = self._queue.position(job_id)
-        ahead = self._running.job_id if self._running is not None else None
-        where = f"number {pos} in the queue" + (f", after {pos - 1} other queued job(s)" if pos and pos > 1 else "")
-        return (f"waiting: {where}; " + (f"it starts when {ahead} ends" if ahead else "it starts next")
-                + " (one job trains at a time)")
+        pos = self._queue.position(job_id) or 0
+        ahead = [j for j, _ in self._queue.items[: max(0, pos - 1)]]
+        parts = [f"waiting: number {pos} in the queue"]
+        if self._running is not None:
+            parts.append(f"{self._running.job_id} is training now")
+        if ahead:
+            parts.append(f"{', '.join(ahead)} {'starts' if len(ahead) == 1 else 'start'} first")
+        return "; ".join(parts) + " (one job trains at a time)"
 
     # --- cancel / delete -------------------------------------------------------------------------
     def cancel(self, job_id: str, force: bool = False) -> dict:
