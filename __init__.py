@@ -22,7 +22,7 @@ try:
 except ImportError:  # imported outside ComfyUI (pytest collects this folder as a package): nothing to register
     ComfyExtension = None
 
-if ComfyExtension is not None:
+if ComfyExtension is not None and __package__:  # no package: imported as a plain file (pytest, a folder name with "-")
     from .nodes import all_nodes
     from .nodes import comfy_glue
 
