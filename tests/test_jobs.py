@@ -112,9 +112,9 @@ def test_cancel_file_stops_after_the_current_iteration_with_a_usable_lora(tmp_pa
     from egrpo_backend.default_model.model import load_default_transformer
 
     job = create_job(tiny_spec(iterations=50), tmp_path / "job")
-    (job / "cancel").write_text("now")
+    (job / "cancel").write_text("now")  # asked before the run starts: it stops before its first iteration
     result = run_job(job, progress=False)
-    assert result["status"] == "cancelled" and result["iteration"] == 1
+    assert result["status"] == "cancelled" and result["iteration"] == 0
     assert read_status(job)["status"] == "cancelled" and not (job / "cancel").exists()
     model = load_default_transformer()
     lora.load_lora_file(model, job / "lora" / "digits.comfy.safetensors")  # loads cleanly
