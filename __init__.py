@@ -22,13 +22,14 @@ try:
 except ImportError:  # imported outside ComfyUI (pytest collects this folder as a package): nothing to register
     ComfyExtension = None
 
-if ComfyExtension is not None:
+if ComfyExtension is not None and __package__:  # no package: imported as a plain file (pytest, a folder name with "-")
     from .nodes import all_nodes
     from .nodes import comfy_glue
 
     class EGRPOExtension(ComfyExtension):
         async def on_load(self) -> None:
-            """Register the /egrpo/ routes and find jobs a previous ComfyUI left unfinished."""
+            """Register the /egrpo/ routes; watch a job a previous ComfyUI's child still runs, restart the
+            saved queue, and list jobs that can be resumed by hand."""
             from .nodes.job_manager import get_manager
             from .nodes.routes import add_routes
 
@@ -37,7 +38,10 @@ if ComfyExtension is not None:
             if routes is not None:
                 add_routes(routes, get_manager)
             try:
-                resumable = get_manager().scan()
+                manager = get_manager()
+                resumable = manager.scan()
+                if manager.status_line():
+                    log.info("E-GRPO: %s", manager.status_line())
                 if resumable:
                     log.info("E-GRPO: %d unfinished job(s) can be resumed from the E-GRPO panel: %s",
                              len(resumable), ", ".join(resumable))

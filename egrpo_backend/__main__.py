@@ -7,8 +7,28 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import job_process  # light (no torch): the job's lock is taken before anything slow loads
+from .cancel import catch_early_sigterm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
+
+
+@contextmanager
+def _running_job(job_dir):
+    """Hold the job's process lock for this command (a second process running the job is refused) and
+    drop any cancel request when the run ends: it was addressed to this run. SIGTERM is caught first,
+    so a job manager that sees the lock held may signal this process: while the model still loads, a
+    SIGTERM means "cancel after the first iteration", not death by the default handler."""
+    catch_early_sigterm()
+    lock, _ = job_process.claim(job_dir)
+    try:
+        yield
+    finally:
+        (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
+        lock.release()
 
 
 def cmd_plan(a) -> int:
@@ -31,26 +51,39 @@ def cmd_train(a) -> int:
     spec = JobSpec.from_file(a.spec)
     create_job(spec, a.out)
     print(f"job created in {a.out}")
-    return _report(run_job(a.out, until=a.until, progress=not a.quiet))
+    with _running_job(a.out):
+        return _report(run_job(a.out, until=a.until, progress=not a.quiet))
 
 
 def cmd_run(a) -> int:
-    from .jobs import run_job
+    with _running_job(_job_dir(a.job_dir)):
+        from .jobs import run_job
 
-    return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
+        return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
 
 
 def cmd_resume(a) -> int:
-    from .jobs import resume_job
+    # The lock (not a pid that may have been reused) says whether another process runs the job; a stale
+    # cancel request was dropped when the lock was taken, a fresh one (sent since this process started)
+    # is honoured, so this is run_job and not jobs.resume_job.
+    with _running_job(_job_dir(a.job_dir)):
+        from .jobs import run_job
 
-    return _report(resume_job(a.job_dir, until=a.until, progress=not a.quiet))
+        return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
+
+
+def _job_dir(path) -> Path:
+    if not (Path(path) / "job.json").is_file():
+        raise FileNotFoundError(f"{path} is not a job directory (no job.json); create one with `train SPEC --out DIR`")
+    return Path(path)
 
 
 def cmd_cancel(a) -> int:
-    from .jobs import request_cancel
+    from .job_folder import request_cancel
 
-    request_cancel(a.job_dir)
-    print(f"cancel requested for {a.job_dir}: it stops after the current iteration and writes its LoRA")
+    signalled = request_cancel(a.job_dir)  # refuses a job that is not running
+    how = "" if signalled else " (through its cancel file: its process cannot be proven from here, so no signal)"
+    print(f"cancel requested for {a.job_dir}{how}: it stops after the current iteration and writes its LoRA")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A job folder's own files: spec, status, event log, cancel request (see jobs.py for the layout).
+"""A job folder's own files: spec, status, event log, cancel request (see jobs.py for the layout;
+process.lock, held by the process that runs the job, is job_process.py's).
 
 These are what other processes read while a job runs (the CLI's `status`, ComfyUI's job manager,
 the routes), so everything here is small, synchronous and safe to call from any process.
@@ -12,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+from . import job_process
 from .atomic import atomic_write_json
 from .config import JobSpec
 
@@ -99,21 +101,25 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
     return job_dir
 
 
-def request_cancel(job_dir) -> None:
-    """Ask a running job to stop after its current iteration (it writes a usable LoRA)."""
+def request_cancel(job_dir) -> bool:
+    """Ask the job's running process to stop after its current iteration (it writes a usable LoRA).
+
+    Refused when no process runs the job (job_process.py): a request left behind would stop the next
+    run after one iteration. SIGTERM goes only to a process provably the job's (Linux); the `cancel`
+    file reaches it everywhere. Returns whether a signal was sent."""
     job_dir = Path(job_dir)
     if not (job_dir / "job.json").exists():
         raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json)")
-    (job_dir / "cancel").write_text(str(time.time()))
-    pid = read_status(job_dir).get("pid")
-    if pid and read_status(job_dir).get("status") == "running":
-        try:
-            os.kill(int(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    if not job_process.job_running(job_dir):
+        raise RuntimeError(f"job {job_dir} is not running (no process holds {job_process.LOCK_FILE}): there is "
+                           f"nothing to cancel; its status is {read_status(job_dir).get('status')!r}")
+    (job_dir / job_process.CANCEL_FILE).write_text(str(time.time()))
+    return job_process.signal_owner(job_dir, signal.SIGTERM)
 
 
 def pid_alive(pid) -> bool:
+    """Whether some process has this pid. It says nothing about WHOSE process it is (pids are reused):
+    use job_process.job_running / job_owner for jobs."""
     if not pid:
         return False
     try:

@@ -43,8 +43,8 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
 from .guard import HackingGuard
-from .job_folder import (STATUSES, EventLog, create_job, load_spec, pid_alive, read_events, read_json, read_status,
-                         request_cancel, write_status)
+from .job_folder import (STATUSES, EventLog, create_job, load_spec, read_events, read_json, read_status, request_cancel,
+                         write_status)
 from .paths import check_name
 from .policies import source_defaults
 from .provenance import lora_metadata
@@ -130,7 +130,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
 
     bar = tqdm(total=cfg.iterations, initial=trainer.state.iteration, disable=not progress, desc="E-GRPO", unit="it")
     status, t_start, done_at_start = "finished", time.perf_counter(), trainer.state.iteration
-    while trainer.state.iteration < total:
+    while trainer.state.iteration < total and not cancel:  # a cancel at start stops before any iteration
         result = trainer.step()
         it, m = trainer.state.iteration, result.metrics
         rate = (time.perf_counter() - t_start) / max(1, it - done_at_start)
@@ -155,6 +155,8 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
             status = "cancelled" if cancel else "stopped"
             break
     bar.close()
+    if status == "finished" and cancel:  # cancelled before its first iteration
+        status = "cancelled"
     return _finish(job_dir, spec, trainer, held_out, status, events)
 
 
@@ -176,11 +178,8 @@ def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: st
 
 
 def resume_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
-    job_dir = Path(job_dir)
-    status = read_status(job_dir)
-    if status.get("status") == "running" and pid_alive(status.get("pid")):
-        raise RuntimeError(f"job {job_dir} is already running (pid {status['pid']}); cancel it first")
-    (job_dir / "cancel").unlink(missing_ok=True)
+    """Continue a stopped, cancelled or killed job from its last checkpoint. A job another process
+    runs is refused by its lock (job_process.py); a stale cancel request is dropped by the lock too."""
     return run_job(job_dir, until=until, progress=progress)
 
 

@@ -57,7 +57,7 @@ def nft_timesteps(sigmas: list[float], batch: int, fraction: float, gen: torch.G
 
 
 def optimality_probability(rewards: torch.Tensor, group_prompt: torch.Tensor | None = None, *,
-                           clip: float = 5.0, mode: str = "prompt_mean_batch_std") -> torch.Tensor:
+                           clip: float = 5.0, advantage: str = "prompt_mean_batch_std") -> torch.Tensor:
     """Rewards -> r in [0, 1]: r = clip(A, -c, c) / (2 c) + 1/2.
 
     `rewards` is [P, G] (one ODE group per prompt) or [NG, n_gran, G] with `group_prompt`; A is the
@@ -68,7 +68,7 @@ def optimality_probability(rewards: torch.Tensor, group_prompt: torch.Tensor | N
     if rewards.ndim == 2:
         rewards = rewards[:, None, :]
         group_prompt = torch.arange(rewards.shape[0]) if group_prompt is None else group_prompt
-    a = advantages(rewards, mode=mode, clip=clip, group_prompt=group_prompt)  # [NG, G], clipped
+    a = advantages(rewards, advantage=advantage, clip=clip, group_prompt=group_prompt)  # [NG, G], clipped
     return (a / clip / 2.0 + 0.5).clamp(0.0, 1.0)
 
 

@@ -28,35 +28,49 @@ def _save(plt, fig, path) -> None:
 
 def plot_entropy_plan(plan, path) -> None:
     """Entropy bars per step, the tau line, merged spans shaded, SDE vs ODE steps marked."""
-    plt, fig = _figure()
+    plt, fig = entropy_plan_figure(plan)
+    _save(plt, fig, path)
+
+
+def entropy_plan_figure(plan):
+    """(pyplot, figure) of the plan chart. The legend sits below the axes and the y range leaves room above
+    the tallest bar, merged-score line and tau, so the legend never covers a bar and no `l=` label is clipped."""
+    plt, fig = _figure(8.0, 4.2)
     ax = fig.add_subplot(111)
     idx = [s.index for s in plan.steps]
     colors = ["#d1495b" if s.kind == "sde" else "#8d99ae" for s in plan.steps]
     ax.bar(idx, [s.entropy for s in plan.steps], color=colors, edgecolor="black", linewidth=0.4, zorder=3)
+    crowded = len(plan.steps) > 24  # then only merged steps get an l= label, and every k-th step a tick
     for s in plan.steps:
         if s.kind == "sde" and s.merge > 1:
             ax.axvspan(s.index - 0.45, s.index + s.merge - 0.55, color="#edae49", alpha=0.18, zorder=1)
             ax.plot([s.index, s.index + s.merge - 1], [s.merged_entropy] * 2, color="#00798c", lw=2, zorder=4)
-        if s.kind == "sde":
+        if s.kind == "sde" and (s.merge > 1 or not crowded):
             ax.annotate(f"l={s.merge}", (s.index, s.entropy), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
-                        textcoords="offset points")
+                        textcoords="offset points", zorder=5)
+    top = max([s.entropy for s in plan.steps] + [s.merged_entropy for s in plan.steps if s.kind == "sde" and s.merge > 1]
+              + [plan.tau])
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)  # headroom for the l= labels above the tallest bar
+    ax.set_xlim(min(idx) - 0.7, max(idx) + 0.7)
     if plan.tau > 0:
         ax.axhline(plan.tau, color="black", ls="--", lw=1, label=f"tau = {plan.tau:g}")
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Patch(color="#d1495b", label="SDE (branch, trained)"), Patch(color="#8d99ae", label="ODE"),
-               Patch(color="#edae49", alpha=0.3, label="merged span"),
-               Line2D([], [], color="#00798c", lw=2, label="merged step score")]
+    handles = [Patch(color="#d1495b", label="SDE (branch, trained)"), Patch(color="#8d99ae", label="ODE")]
+    if any(s.kind == "sde" and s.merge > 1 for s in plan.steps):
+        handles += [Patch(color="#edae49", alpha=0.3, label="merged span"),
+                    Line2D([], [], color="#00798c", lw=2, label="merged step score")]
     if plan.tau > 0:
         handles.append(ax.get_lines()[-1])
-    ax.legend(handles=handles, fontsize=7, loc="upper right")
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles),
+              frameon=False)
     ax.set_xlabel("step i (sigma_i from 1 to 0)")
     ax.set_ylabel("entropy score exp(h)")
     ax.set_title(f"E-GRPO entropy plan  (eta={plan.eta:g}, tau={plan.tau:g}, T={plan.num_steps})", fontsize=10)
-    ax.set_xticks(idx)
+    ax.set_xticks(idx[:: -(-len(idx) // 20)] if crowded else idx)
     ax.grid(axis="y", alpha=0.3, zorder=0)
-    _save(plt, fig, path)
+    return plt, fig
 
 
 def plot_reward_curves(curves: dict[str, list[tuple[float, float]]], path, xlabel="iteration", ylabel="reward",

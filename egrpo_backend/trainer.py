@@ -77,6 +77,10 @@ class Trainer:
         if not params:
             raise ValueError("the policy has no trainable (LoRA) parameters; call lora.add_lora first")
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if policy.device.type == "cuda":
+            # cuDNN's attention backward faults (illegal memory access) on H100/H200 with torch 2.11 at
+            # FLUX / SD3.5 sizes (bench/results/scale_h200.md); flash / memory-efficient attention do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.state = TrainerState()
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
 

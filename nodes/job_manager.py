@@ -3,18 +3,27 @@
 Each job is a folder under the jobs root (see egrpo_backend/jobs.py for its layout) and runs as a
 child process `python -m egrpo_backend run|resume JOB_DIR`, so the ComfyUI queue is never blocked,
 a crash or OOM cannot take ComfyUI down, and cancelling frees all of the child's memory. One job
-runs at a time (they share the GPU); the others wait in a FIFO queue. A monitor thread tails each
-running job's events.jsonl and forwards every event to the browsers as the websocket event
-"egrpo.event" with data {"job": id, **event}. Events the manager adds itself: "queued",
-"process" (child started, with pid), "exit" (child ended, with returncode) and, when a child dies
-without writing one (SIGKILL, OOM killer), an "error" with the tail of its log.
+runs at a time (they share the GPU); the others wait in a FIFO queue that is saved in the jobs root
+(job_queue.py), so a restart resumes the line in order. A monitor thread tails the running job's
+events.jsonl and forwards every event to the browsers as the websocket event "egrpo.event" with
+data {"job": id, **event}. Events the manager adds itself: "queued" (with position), "process"
+(child started, with pid), "exit" (child ended, with returncode, None when unknown) and, when a
+child dies without writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
+
+What is true about a job comes from its folder, never from a guess:
+- A job runs exactly while a process holds its process.lock (egrpo_backend/job_process.py). A pid
+  alone proves nothing (pids are reused after a restart), so a pid is signalled only when it is this
+  manager's own unreaped child, or the lock holder proven by its start time.
+- When the process ends, a final status the folder holds (the child's own "finished", "cancelled",
+  "stopped" or "failed", or the "cancelled" written on a kill) is the result; only a run that ended
+  without writing one is reported failed (with its exit code when this manager started it).
+- A child that outlives ComfyUI is adopted by the next ComfyUI (`scan`) and reported the same way.
 
 Nothing here imports ComfyUI; `send` is injected (comfy_glue.send_event inside ComfyUI).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,12 +32,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from egrpo_backend import job_process
 from egrpo_backend import jobs as backend_jobs
+from egrpo_backend.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
+
+from .job_queue import JobQueue
 
 log = logging.getLogger("egrpo")
 
@@ -36,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the pack's folder: holds e
 EVENT = "egrpo.event"
 FINAL = ("finished", "cancelled", "stopped", "failed")
 LOG_FILE = "child.log"
+QUEUE_FILE = "queue.json"
 
 
 class JobError(ValueError):
@@ -43,15 +56,38 @@ class JobError(ValueError):
 
 
 class _Running:
-    def __init__(self, job_id: str, proc: subprocess.Popen | None, pid: int, log_file=None):
-        self.job_id, self.proc, self.pid, self.log_file = job_id, proc, pid, log_file
+    """The job this manager watches: a child it started (proc) or one it adopted after a restart."""
+
+    def __init__(self, job_id: str, path: Path, proc: subprocess.Popen | None = None, log_file=None):
+        self.job_id, self.path, self.proc, self.log_file = job_id, path, proc, log_file
         self.offset = 0
         self.kill_at: float | None = None
+        self.cancel_requested = self.signalled = False
 
-    def returncode(self) -> int | None:
+    def ended(self) -> bool:
         if self.proc is not None:
-            return self.proc.poll()
-        return None if backend_jobs.pid_alive(self.pid) else -1  # adopted: exit status unknown
+            return self.proc.poll() is not None
+        return not job_process.job_running(self.path)  # adopted: the kernel drops the lock when it ends
+
+    def exit_code(self) -> int | None:
+        """The child's exit status; None for an adopted child (only its parent, gone, could read it)."""
+        return self.proc.returncode if self.proc is not None else None
+
+    def signal(self, sig: int) -> bool:
+        """Signal the job's process if it is provably the job's: our own child while not yet reaped (its
+        pid cannot be reused before that), else the lock holder proven by its start time."""
+        if self.proc is not None:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                if sig == signal.SIGKILL:
+                    os.killpg(self.proc.pid, sig)  # its own session (start_new_session): the whole group
+                else:
+                    self.proc.send_signal(sig)
+                return True
+            except (ProcessLookupError, PermissionError):
+                return False
+        return job_process.signal_owner(self.path, sig)
 
 
 class JobManager:
@@ -65,7 +101,7 @@ class JobManager:
         self.python, self.extra_env = python, dict(env or {})
         self.poll_seconds, self.kill_after = poll_seconds, kill_after
         self._lock = threading.RLock()
-        self._queue: deque[tuple[str, str]] = deque()  # (job id, "run" | "resume")
+        self._queue = JobQueue(self.root / QUEUE_FILE)
         self._running: _Running | None = None
         self._last: dict[str, dict] = {}  # job id -> last metrics event (progress, ETA)
         self._thread: threading.Thread | None = None
@@ -104,10 +140,15 @@ class JobManager:
         with self._lock:
             if (path / "job.json").is_file():
                 return job_id
-            if self.loras_dir and not spec.get("output", {}).get("copy_to"):
+            if self.loras_dir and not spec.get("output", {}).get("copy_to") and _lists_in_comfyui(spec):
                 spec = {**spec, "output": {**spec.get("output", {}), "copy_to": str(self.loras_dir)}}
-            backend_jobs.create_job(spec, path)
-            self._enqueue(job_id, "run")
+            position = self._queue.append(job_id, "run")  # saved first: a restart then finds it or no job at all
+            try:
+                backend_jobs.create_job(spec, path)
+            except BaseException:
+                self._queue.remove(job_id)
+                raise
+            self._queued(job_id, position)
         return job_id
 
     def resume(self, job_id: str) -> str:
@@ -115,25 +156,38 @@ class JobManager:
         with self._lock:
             if self._is_active(job_id):
                 raise JobError(f"job {job_id!r} is already {self._state(job_id)}")
+            if job_process.job_running(path):
+                raise JobError(f"job {job_id!r} is running in another process (pid "
+                               f"{(job_process.read_identity(path) or {}).get('pid', '?')}); wait for it to end")
             status = backend_jobs.read_status(path)
             if status.get("status") == "finished":
                 raise JobError(f"job {job_id!r} has finished; there is nothing to resume")
-            self._enqueue(job_id, "resume")
+            self._queued(job_id, self._queue.append(job_id, "resume"))
         return job_id
 
-    def _enqueue(self, job_id: str, command: str) -> None:
-        self._queue.append((job_id, command))
-        self._emit(job_id, {"type": "queued", "position": len(self._queue)})
+    def _queued(self, job_id: str, position: int, **extra) -> None:
+        self._emit(job_id, {"type": "queued", "position": position, **extra})
         self._ensure_thread()
         self._pump()
 
     def _is_active(self, job_id: str) -> bool:
-        return (self._running is not None and self._running.job_id == job_id) or any(j == job_id for j, _ in self._queue)
+        return (self._running is not None and self._running.job_id == job_id) or job_id in self._queue
 
     def _state(self, job_id: str) -> str:
         if self._running is not None and self._running.job_id == job_id:
             return "running"
-        return "queued" if any(j == job_id for j, _ in self._queue) else ""
+        return "queued" if job_id in self._queue else ""
+
+    def _waiting_message(self, job_id: str) -> str:
+        """Why a queued job waits, for the panel and the Job node."""
+        pos = self._queue.position(job_id) or 0
+        ahead = [j for j, _ in self._queue.items[: max(0, pos - 1)]]
+        parts = [f"waiting: number {pos} in the queue"]
+        if self._running is not None:
+            parts.append(f"{self._running.job_id} is training now")
+        if ahead:
+            parts.append(f"{', '.join(ahead)} {'starts' if len(ahead) == 1 else 'start'} first")
+        return "; ".join(parts) + " (one job trains at a time)"
 
     # --- cancel / delete -------------------------------------------------------------------------
     def cancel(self, job_id: str, force: bool = False) -> dict:
@@ -141,27 +195,41 @@ class JobManager:
         force (or no exit within kill_after seconds): killed at once, the last checkpoint's LoRA exported."""
         path = self._existing(job_id)
         with self._lock:
-            if any(j == job_id for j, _ in self._queue):
-                self._queue = deque((j, c) for j, c in self._queue if j != job_id)
-                backend_jobs.write_status(path, status="cancelled", message="cancelled while queued")
-                self._emit(job_id, {"type": "done", "status": "cancelled", "iteration": 0, "lora": None})
+            if self._queue.remove(job_id):
+                backend_jobs.write_status(path, status="cancelled", pid=None, message="cancelled while queued")
+                self._emit(job_id, {"type": "done", "status": "cancelled", "iteration":
+                                    backend_jobs.read_status(path).get("iteration", 0), "lora": None})
                 return self.get(job_id)
             run = self._running
             if run is None or run.job_id != job_id:
-                raise JobError(f"job {job_id!r} is not running or queued")
-            backend_jobs.request_cancel(path)
-            try:
-                os.kill(run.pid, signal.SIGTERM)  # also when status.json does not say running yet
-            except (ProcessLookupError, PermissionError):
-                pass
+                if job_process.job_running(path) and not force:  # run by another process (e.g. the CLI)
+                    try:
+                        backend_jobs.request_cancel(path)
+                    except RuntimeError as e:  # it ended meanwhile
+                        raise JobError(str(e)) from None
+                    return self.get(job_id)
+                raise JobError(f"job {job_id!r} is not running or queued" if not job_process.job_running(path) else
+                               f"job {job_id!r} runs in another process, not started by this ComfyUI: it can be "
+                               "cancelled (after its current iteration) but not killed from here")
+            run.cancel_requested = True
+            (path / job_process.CANCEL_FILE).write_text(str(time.time()))
+            self._signal_cancel(run)
             run.kill_at = time.time() + (0 if force else self.kill_after)
+            if force:
+                self.tick()
         return self.get(job_id)
+
+    def _signal_cancel(self, run: _Running) -> None:
+        """SIGTERM once the child holds its lock: it takes the lock only after it catches SIGTERM, so
+        the signal can never kill a child that is still starting (the cancel file reaches it anyway)."""
+        if run.cancel_requested and not run.signalled and job_process.job_running(run.path):
+            run.signalled = run.signal(signal.SIGTERM)
 
     def delete(self, job_id: str) -> None:
         path = self._existing(job_id)
         with self._lock:
-            if self._is_active(job_id):
-                raise JobError(f"job {job_id!r} is {self._state(job_id)}; cancel it before deleting")
+            if self._is_active(job_id) or job_process.job_running(path):
+                raise JobError(f"job {job_id!r} is {self._state(job_id) or 'running'}; cancel it before deleting")
             shutil.rmtree(path)
             self._last.pop(job_id, None)
 
@@ -181,31 +249,41 @@ class JobManager:
         status = backend_jobs.read_status(path)
         spec = backend_jobs.read_json(path / "job.json", {})
         state = self._state(job_id)
+        saved, message = status.get("status"), status.get("message", "")
+        if state == "queued":
+            shown, message = "queued", self._waiting_message(job_id)
+        elif state == "running" or job_process.job_running(path):  # ours, or another process's (the CLI)
+            shown = "running"
+        elif saved == "running":  # nobody runs it: the folder's word is stale (scan() corrects the file)
+            shown, message = "stopped", ("its process is gone without writing an end (the machine or ComfyUI "
+                                         "stopped while it ran); resume it from its last checkpoint")
+        else:
+            shown = saved
         last = self._last.get(job_id) or self._last_metrics(path)
         total = status.get("total") or spec.get("train", {}).get("iterations") or 0
         lora = status.get("lora")
         return {
-            "id": job_id, "name": spec.get("output", {}).get("name", job_id),
-            "status": state if state == "queued" else ("running" if state == "running" else status.get("status")),
+            "id": job_id, "name": spec.get("output", {}).get("name", job_id), "status": shown,
             "iteration": status.get("iteration", 0), "total": total,
             "progress": (status.get("iteration", 0) / total) if total else 0.0,
-            "eta_seconds": last.get("eta_seconds") if state == "running" else None,
-            "reward_mean": last.get("reward_mean"), "message": status.get("message", ""),
+            "eta_seconds": last.get("eta_seconds") if shown == "running" else None,
+            "reward_mean": last.get("reward_mean"), "message": message,
             "lora": lora, "lora_name": self.lora_name(lora), "model": spec.get("model", {}).get("source"),
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
-            "resumable": state == "" and status.get("status") in ("stopped", "cancelled", "failed", "created"),
+            "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
             "files": [f for f in ("plan.png", "reward_curve.png") if (path / f).is_file()],
             "samples": sorted(p.name for p in (path / "samples").glob("*.png"))[-4:] if (path / "samples").is_dir() else [],
         }
 
     def lora_name(self, lora: str | None) -> str | None:
-        """The name the core LoraLoader lists for a LoRA file (relative to its loras folder)."""
+        """The name the core LoraLoader lists for a LoRA file (relative to its loras folder); None for a
+        LoRA that is not in ComfyUI's loras folder (the embedded default's stays in its job folder)."""
         if not lora:
             return None
         p = Path(lora)
         if self.loras_dir and self.loras_dir in p.parents:
             return p.relative_to(self.loras_dir.parent).as_posix()
-        return p.name
+        return None
 
     def events(self, job_id: str, offset: int = 0) -> tuple[list[dict], int]:
         return backend_jobs.read_events(self._existing(job_id), max(0, int(offset)))
@@ -237,33 +315,64 @@ class JobManager:
                 return info
             time.sleep(self.poll_seconds)
 
-    # --- start-up: unfinished jobs ---------------------------------------------------------------
+    # --- start-up: what a previous ComfyUI left ---------------------------------------------------
     def scan(self) -> list[str]:
-        """Find jobs left unfinished by a previous ComfyUI: adopt live children, mark dead ones stopped.
+        """At start-up: adopt the job a previous ComfyUI's child still runs (its lock is held), mark jobs
+        whose process is gone stopped, and restart the saved queue in order.
 
-        Returns the ids that can be resumed (the panel offers Resume for them)."""
+        Returns the ids that can be resumed by hand (stopped or never queued)."""
         resumable = []
-        for path in self.root.iterdir():
-            if not (path / "job.json").is_file():
-                continue
-            try:
-                check_name(path.name)
-            except ValueError:
-                continue
-            status = backend_jobs.read_status(path)
-            if status.get("status") == "running":
-                pid = status.get("pid")
-                if backend_jobs.pid_alive(pid) and self._running is None:
-                    with self._lock:
-                        self._running = _Running(path.name, None, int(pid))
-                        self._running.offset = path.joinpath("events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0
-                    self._ensure_thread()
+        with self._lock:
+            for path in sorted(self.root.iterdir()):
+                if not (path / "job.json").is_file():
                     continue
-                backend_jobs.write_status(path, status="stopped", pid=None,
-                                          message="ComfyUI stopped while this job ran; resume it from its last checkpoint")
-            if backend_jobs.read_status(path).get("status") in ("stopped", "created"):
-                resumable.append(path.name)
+                try:
+                    check_name(path.name)
+                except ValueError:
+                    continue
+                if job_process.job_running(path):
+                    if self._running is None:  # a child that outlived the previous ComfyUI: watch it to its end
+                        self._running = _Running(path.name, path)
+                        events = path / "events.jsonl"
+                        self._running.offset = events.stat().st_size if events.exists() else 0
+                    continue  # else another process (the CLI) runs it: get() shows it running
+                if backend_jobs.read_status(path).get("status") == "running":
+                    backend_jobs.write_status(path, status="stopped", pid=None, message=(
+                        "its process is gone: ComfyUI (or the machine) stopped while this job ran; resume it "
+                        "from its last checkpoint"))
+                    (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+                if backend_jobs.read_status(path).get("status") in ("stopped", "created"):
+                    resumable.append(path.name)
+            line = []
+            for job_id, command in self._queue.load():
+                path = self.root / job_id
+                try:
+                    check_name(job_id)
+                except ValueError:
+                    continue
+                if (not (path / "job.json").is_file() or self._is_active(job_id) or job_id in (j for j, _ in line)
+                        or backend_jobs.read_status(path).get("status") == "finished"):
+                    continue
+                line.append((job_id, command))
+                if job_id in resumable:
+                    resumable.remove(job_id)
+            self._queue.replace(line)
+            for pos, (job_id, _) in enumerate(self._queue.items, 1):
+                self._emit(job_id, {"type": "queued", "position": pos, "restored": True})
+            if self._running is not None or self._queue.items:
+                self._ensure_thread()
+            self._pump()
         return resumable
+
+    def status_line(self) -> str:
+        """What runs and waits now, for the start-up log ('' when nothing)."""
+        parts = []
+        if self._running is not None:
+            parts.append(f"job {self._running.job_id} is running" + (" (adopted from the previous ComfyUI)"
+                                                                        if self._running.proc is None else ""))
+        if len(self._queue):
+            parts.append(f"{len(self._queue)} job(s) queued: {', '.join(j for j, _ in self._queue.items)}")
+        return "; ".join(parts)
 
     # --- the monitor -----------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -273,9 +382,10 @@ class JobManager:
             self._thread.start()
 
     def shutdown(self, kill: bool = False) -> None:
+        """Stop watching (the child keeps running, as when ComfyUI exits); kill = also kill our own child."""
         self._stop.set()
         if kill and self._running is not None and self._running.proc is not None:
-            self._running.proc.kill()
+            self._running.signal(signal.SIGKILL)
             self._running.proc.wait()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -289,27 +399,25 @@ class JobManager:
             self._stop.wait(self.poll_seconds)
 
     def tick(self) -> None:
-        """One monitor pass: forward new events, notice an exit, start the next queued job."""
+        """One monitor pass: forward new events, deliver a cancel, notice an end, start the next queued job."""
         with self._lock:
             run = self._running
             if run is None:
                 self._pump()
                 return
-            path = self.root / run.job_id
-            self._forward(run, path)
-            rc = run.returncode()
-            if rc is None and run.kill_at is not None and time.time() >= run.kill_at:
-                self._kill(run, path)
-                rc = run.returncode()
-            if rc is None:
+            self._forward(run)
+            self._signal_cancel(run)
+            if not run.ended() and run.kill_at is not None and time.time() >= run.kill_at:
+                self._kill(run)
+            if not run.ended():
                 return
-            self._forward(run, path)
-            self._finish(run, path, rc)
+            self._forward(run)
+            self._finish(run)
             self._running = None
             self._pump()
 
-    def _forward(self, run: _Running, path: Path) -> None:
-        events, run.offset = backend_jobs.read_events(path, run.offset)
+    def _forward(self, run: _Running) -> None:
+        events, run.offset = backend_jobs.read_events(run.path, run.offset)
         for e in events:
             if e["type"] == "metrics":
                 self._last[run.job_id] = e
@@ -321,55 +429,79 @@ class JobManager:
         except Exception:  # noqa: BLE001 - a closed websocket must not stop a job
             log.exception("E-GRPO: sending an event failed")
 
-    def _kill(self, run: _Running, path: Path) -> None:
-        """Hard stop (cancel that did not finish in time): SIGKILL, then export the last checkpoint."""
-        try:
-            os.killpg(run.pid, signal.SIGKILL) if run.proc is not None else os.kill(run.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _kill(self, run: _Running) -> None:
+        """Hard stop (force cancel, or a cancel not done within kill_after): SIGKILL, then the job reads
+        "cancelled" at its last checkpoint's iteration, with that checkpoint's LoRA."""
+        run.kill_at = None
+        path = run.path
+        if not run.signal(signal.SIGKILL):
+            if not run.ended():
+                msg = ("cannot prove which process runs this job on this system, so it is not killed; it stops "
+                       "after its current iteration (cancel file)")
+                log.warning("E-GRPO job %s: %s", run.job_id, msg)
+                self._emit(run.job_id, {"type": "cancel", "message": msg})
+                return
         if run.proc is not None:
             run.proc.wait()
-        lora = None
+        else:
+            deadline = time.time() + 10
+            while not run.ended() and time.time() < deadline:
+                time.sleep(0.05)
+        if backend_jobs.read_status(path).get("status") in FINAL:
+            return  # the child wrote its own end before the kill landed: that stands
+        lora, iteration = None, 0
         try:
-            if backend_jobs.latest_checkpoint(path) is not None:
+            ckpt = backend_jobs.latest_checkpoint(path)
+            if ckpt is not None:
+                iteration = int(read_checkpoint(ckpt)["trainer"]["iteration"])
                 spec = backend_jobs.load_spec(path)
-                lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)
-                if spec.output.copy_to:
-                    from egrpo_backend.atomic import atomic_write_bytes
-
-                    dest = Path(spec.output.copy_to) / lora.name
-                    atomic_write_bytes(dest, lora.read_bytes())
-                    lora = dest
+                lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)  # (and its copy_to copy)
         except Exception as e:  # noqa: BLE001
             log.warning("E-GRPO: exporting the last checkpoint of %s failed: %s", run.job_id, e)
-        (path / "cancel").unlink(missing_ok=True)
-        status = backend_jobs.read_status(path)
-        backend_jobs.write_status(path, status="cancelled", pid=None, lora=str(lora) if lora else status.get("lora"),
-                                  message="killed on cancel; the LoRA is the last checkpoint's")
-        backend_jobs.EventLog(path).emit("done", status="cancelled", iteration=status.get("iteration", 0),
-                                         lora=str(lora) if lora else None)
+        (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+        reached = backend_jobs.read_status(path).get("iteration", 0)
+        msg = (f"killed on cancel after iteration {reached}; " +
+               (f"the LoRA is the last checkpoint's (iteration {iteration}); resume continues from there" if lora else
+                "it had no checkpoint yet, so there is no LoRA; resume starts from the beginning"))
+        backend_jobs.write_status(path, status="cancelled", pid=None, iteration=iteration,
+                                  lora=str(lora.resolve()) if lora else None, message=msg)
+        backend_jobs.EventLog(path).emit("done", status="cancelled", iteration=iteration,
+                                         lora=str(lora.resolve()) if lora else None, message=msg)
 
-    def _finish(self, run: _Running, path: Path, rc: int) -> None:
+    def _finish(self, run: _Running) -> None:
+        """The process ended: a final status in the folder is the result; otherwise it died without one."""
+        path = run.path
         if run.log_file is not None:
             run.log_file.close()
-        status = backend_jobs.read_status(path)
-        if rc != 0 and status.get("status") != "failed":
+        (path / job_process.CANCEL_FILE).unlink(missing_ok=True)  # addressed to a run that is over
+        rc = run.exit_code()
+        status = backend_jobs.read_status(path).get("status")
+        if status in FINAL:
+            pass  # the child's own end (or the kill's "cancelled"): whatever the exit code says
+        elif rc == 0:
+            backend_jobs.write_status(path, status="stopped", pid=None,
+                                      message="the training process exited without writing its end; resume it")
+        else:
             # Died without reporting (SIGKILL, OOM killer, an import error before run_job): say so.
+            how = (f"exited with code {rc}" if rc is not None else
+                   "ended (it was started by an earlier ComfyUI, so its exit code is unknown)")
             tail = _tail(path / LOG_FILE)
-            msg = f"the training process exited with code {rc} without reporting an error" + (f": {tail}" if tail else "")
+            msg = f"the training process {how} without reporting an error" + (f": {tail}" if tail else "")
             backend_jobs.write_status(path, status="failed", pid=None, message=msg)
             backend_jobs.EventLog(path).emit("error", message=msg, traceback="")
-            self._forward(run, path)
-        elif status.get("status") == "running":  # exited 0 but never wrote its end (should not happen)
-            backend_jobs.write_status(path, status="stopped", pid=None)
+            self._forward(run)
         self._emit(run.job_id, {"type": "exit", "returncode": rc, "status": backend_jobs.read_status(path).get("status")})
 
     def _pump(self) -> None:
         """Start the next queued job when none runs."""
-        while self._running is None and self._queue:
+        while self._running is None and len(self._queue):
             job_id, command = self._queue.popleft()
             path = self.root / job_id
             if not (path / "job.json").is_file():
+                continue
+            if job_process.job_running(path):
+                self._emit(job_id, {"type": "error", "traceback": "", "message":
+                                    f"job {job_id} is already running in another process; not started again"})
                 continue
             self._start(job_id, command, path)
 
@@ -377,15 +509,23 @@ class JobManager:
         env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("HF_HUB_OFFLINE", "1")
-        (path / "cancel").unlink(missing_ok=True)
+        (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
         log_file = open(path / LOG_FILE, "ab")
         offset = (path / "events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0
         proc = subprocess.Popen([self.python, "-m", "egrpo_backend", command, str(path), "--quiet"], cwd=str(REPO_ROOT),
                                 env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        self._running = _Running(job_id, proc, proc.pid, log_file)
+        # A stale end from an earlier run must not be taken for this run's: from now on the folder says running.
+        backend_jobs.write_status(path, status="running", pid=proc.pid, message="")
+        self._running = _Running(job_id, path, proc, log_file)
         self._running.offset = offset
         self._emit(job_id, {"type": "process", "pid": proc.pid, "command": command})
+
+
+def _lists_in_comfyui(spec: dict) -> bool:
+    """Whether a job's LoRA belongs in ComfyUI's LoRA list: not the embedded digits model's, which no
+    ComfyUI model can load (it stays in the job folder)."""
+    return spec.get("model", {}).get("source", "default") != "default"
 
 
 def _tail(path: Path, lines: int = 6) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from . import types
@@ -40,8 +39,12 @@ class EntropyPlanNode(io.ComfyNode):
             inputs=[io.Sigmas.Input("sigmas", tooltip="A flow-matching schedule (e.g. BasicScheduler on a Flux "
                                                       "model), T + 1 values from ~1 down to 0."),
                     *plan_inputs()],
-            outputs=[io.Image.Output(display_name="chart"), io.String.Output(display_name="table"),
-                     types.Plan.Output(display_name="plan")],
+            outputs=[io.Image.Output(display_name="chart", tooltip="Entropy score per step, the tau line, merged "
+                                                                   "spans, SDE (red) and ODE (grey) steps."),
+                     io.String.Output(display_name="table", tooltip="The plan as text: per-step sigma, std, entropy "
+                                                                    "score, merge width and kind."),
+                     types.Plan.Output(display_name="plan", tooltip="The plan itself, for E-GRPO Sampler and E-GRPO "
+                                                                    "Train LoRA (its grid and settings).")],
         )
 
     @classmethod
@@ -65,7 +68,7 @@ class SamplerNode(io.ComfyNode):
                     types.Plan.Input("plan", optional=True,
                                      tooltip="An EGRPO_PLAN from E-GRPO Entropy Plan: its eta, tau, diffusion and "
                                              "active steps replace the widgets (the grid is the SIGMAS sampled).")],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="For SamplerCustom / SamplerCustomAdvanced.")],
         )
 
     @classmethod
@@ -113,7 +116,9 @@ class GroupPreviewNode(io.ComfyNode):
                     io.String.Input("prompt", default="", optional=True,
                                     tooltip="The prompt's text, for rewards that read it (CLIP score, digit "
                                             "probability); the conditioning does not carry it.")],
-            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="scores")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The G members of the group, decoded."),
+                     io.String.Output(display_name="scores", tooltip="The group's settings and, with a reward, each "
+                                                                     "member's score, mean and std.")],
         )
 
     @classmethod

@@ -65,7 +65,8 @@ def _reward_node(name: str) -> type[io.ComfyNode]:
                 description=HINTS.get(name, f"The backend's {name!r} reward."),
                 inputs=[io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                        tooltip="Weight of this reward in a combination (1 when used alone).")],
-                outputs=[types.Reward.Output(display_name="reward")],
+                outputs=[types.Reward.Output(display_name="reward", tooltip="This reward with its weight, for E-GRPO "
+                                                                            "Train LoRA, Combine Rewards or Score Images.")],
             )
 
         @classmethod
@@ -87,11 +88,12 @@ class CombineRewardsNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EGRPOCombineRewards", display_name="E-GRPO Combine Rewards", category=f"{types.CATEGORY}/rewards",
+            description="Trains on the weighted sum of 2-4 rewards (each keeps the weight set on its own node).",
             inputs=[types.Reward.Input("reward_1", tooltip="First reward (with its weight)."),
                     types.Reward.Input("reward_2", tooltip="Second reward (with its weight)."),
                     types.Reward.Input("reward_3", optional=True, tooltip="Optional third reward."),
                     types.Reward.Input("reward_4", optional=True, tooltip="Optional fourth reward.")],
-            outputs=[types.Reward.Output(display_name="reward")],
+            outputs=[types.Reward.Output(display_name="reward", tooltip="The combination: sum of weight x reward.")],
         )
 
     @classmethod
@@ -111,10 +113,12 @@ class ScoreImagesNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EGRPOScoreImages", display_name="E-GRPO Score Images", category=f"{types.CATEGORY}/rewards",
+            description="Scores images with a reward (or a combination), in ComfyUI's process: the numbers a "
+                        "training run would see for them.",
             inputs=[io.Image.Input("images", tooltip="Images to score."),
                     types.Reward.Input("reward", tooltip="The reward (or a combination)."),
                     io.String.Input("prompt", default="", tooltip="Prompt text for rewards that read it.")],
-            outputs=[io.String.Output(display_name="scores")],
+            outputs=[io.String.Output(display_name="scores", tooltip="One line per image: 'index: score'.")],
         )
 
     @classmethod

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from comfy_api.latest import io
+from egrpo_backend.config import ComfySpec
 
-from . import comfy_glue, types
+from . import comfy_glue, job_checks, types
 from .images import blank_image, png_to_image
 from .job_manager import get_manager
 
@@ -37,7 +38,10 @@ def job_id_for(name: str, spec: dict, identity: dict) -> str:
 
 def build_spec(*, source, name, reward, prompts, preset, iterations, group_size, prompts_per_iteration, steps, shift,
                eta, tau, active, lr, clip_range, lora_rank, seed, device="auto", plan=None, overrides="") -> dict:
-    """The job spec dict from the node's inputs (validated by the caller with JobSpec.from_dict)."""
+    """The job spec dict from the node's inputs (validated by the caller with JobSpec.from_dict).
+
+    spec_overrides is merged in after job_checks.refuse_node_keys: a key an input sets, or one the
+    source would ignore, is refused by name; every other key is applied (and validated by JobSpec)."""
     algorithm = {"preset": preset, "steps": steps, "shift": shift, "eta": eta, "tau": tau, "active": active,
                  "group_size": group_size, "clip_range": clip_range}
     if plan is not None:  # the plan's grid and settings replace the widgets
@@ -53,15 +57,9 @@ def build_spec(*, source, name, reward, prompts, preset, iterations, group_size,
                   "device": device, "sample_every": 1, "checkpoint_every": max(1, min(10, iterations // 4 or 1))},
         "output": {"name": name, "formats": ["kohya", "comfy"] if source == "comfy" else ["peft", "kohya"]},
     }
-    if overrides.strip():
-        try:
-            extra = json.loads(overrides)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"spec_overrides is not valid JSON: {e}") from None
-        if not isinstance(extra, dict):
-            raise ValueError("spec_overrides must be a JSON object like {\"train\": {\"minibatches\": 4}}")
-        spec = _merge(spec, extra)
-    return spec
+    extra = job_checks.parse_overrides(overrides)
+    job_checks.refuse_node_keys(extra, source, plan is not None)
+    return _merge(spec, extra)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -155,22 +153,34 @@ class TrainLoraNode(io.ComfyNode):
                 io.String.Input("vae_name", default="", optional=True, advanced=True,
                                 tooltip="source = comfy: VAE file name in models/vae when the VAE's file cannot be "
                                         "found from the VAE input."),
-                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, optional=True, advanced=True,
-                               tooltip="Distilled guidance of guidance-embedded models (Flux-dev); ignored by others."),
+                io.Float.Input("guidance", default=ComfySpec.guidance, min=0.0, max=100.0, step=0.1, optional=True,
+                               advanced=True, tooltip="source = comfy: distilled guidance of guidance-embedded models "
+                                                      "(Flux-dev); ignored by others."),
+                io.Int.Input("width", default=ComfySpec.width, min=64, max=4096, step=16, optional=True,
+                             tooltip="source = comfy: width in pixels of the images the job samples and scores "
+                                     "(a multiple of 16); the embedded digits model is always 16 x 16."),
+                io.Int.Input("height", default=ComfySpec.height, min=64, max=4096, step=16, optional=True,
+                             tooltip="source = comfy: height in pixels of the images the job samples and scores "
+                                     "(a multiple of 16)."),
                 types.Plan.Input("plan", optional=True, tooltip="An EGRPO_PLAN: its grid, eta, tau and active steps "
                                                                "replace the widgets."),
                 io.Combo.Input("device", options=DEVICES, default="auto", optional=True, advanced=True,
                                tooltip="Where the job trains (auto = CUDA when available)."),
                 io.String.Input("spec_overrides", default="", multiline=True, optional=True, advanced=True,
-                                tooltip="JSON merged into the job spec, e.g. {\"train\": {\"minibatches\": 4}}."),
+                                tooltip="JSON merged into the job spec for settings without an input here, e.g. "
+                                        "{\"train\": {\"minibatches\": 4}}. Every key is applied or refused by "
+                                        "name (a key an input sets is refused: set the input)."),
             ],
-            outputs=[types.Job.Output(display_name="job"), io.String.Output(display_name="job_id")],
+            outputs=[types.Job.Output(display_name="job", tooltip="The job, for an E-GRPO Job node."),
+                     io.String.Output(display_name="job_id", tooltip="The job's id: its folder in output/egrpo_jobs "
+                                                                     "and its row in the E-GRPO sidebar.")],
         )
 
     @classmethod
     def execute(cls, source, reward, name, preset, iterations, group_size, prompts_per_iteration, steps, shift, eta,
                 tau, active, lr, clip_range, lora_rank, seed, prompts=None, model=None, clip=None, vae=None,
-                vae_name="", guidance=3.5, plan=None, device="auto", spec_overrides="") -> io.NodeOutput:
+                vae_name="", guidance=ComfySpec.guidance, width=ComfySpec.width, height=ComfySpec.height, plan=None,
+                device="auto", spec_overrides="") -> io.NodeOutput:
         from egrpo_backend.config import JobSpec
         from egrpo_backend.paths import check_name
 
@@ -190,19 +200,25 @@ class TrainLoraNode(io.ComfyNode):
                 raise ValueError("source = comfy needs prompts: connect an E-GRPO Prompt List")
             files = comfy_model_files(model, vae, vae_name)
             identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
-            spec["model"].update(path=files["path"], comfy={"comfy_root": comfy_glue.comfy_root(), "kind": files["kind"],
-                                                              "vae": files["vae"], "guidance": guidance})
+            spec["model"]["path"] = files["path"]
+            # Overrides cannot hold these keys (refused above): anything left there is unknown and JobSpec names it.
+            spec["model"]["comfy"] = {**spec["model"].get("comfy", {}), "comfy_root": comfy_glue.comfy_root(),
+                                      "kind": files["kind"], "vae": files["vae"], "guidance": guidance,
+                                      "width": width, "height": height}
         elif prompts is None:
             spec["prompts"] = []
         job_id = job_id_for(name, spec, identity)
         job_dir = manager.job_dir(job_id)
         if source == "comfy":
             spec["model"]["comfy"]["cond_cache"] = str(job_dir / "conds.safetensors")
-        JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
+        job = JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
+        job_checks.check_prompts(job)
+        job_checks.check_device(job.train.device)
+        job_checks.check_reward_files(job.rewards)
         if source == "comfy" and not (job_dir / "job.json").exists():
-            texts = list(prompts) + [p for p in spec.get("eval_prompts", []) if isinstance(p, str)]
-            texts.append(spec["algorithm"].get("negative_prompt", ""))
-            encode_prompts(clip, list(dict.fromkeys(texts)), job_dir / "conds.safetensors")
+            from egrpo_backend.build import texts_to_encode
+
+            encode_prompts(clip, texts_to_encode(job), job_dir / "conds.safetensors")  # exactly what the job encodes
         manager.submit(spec, job_id)
         return io.NodeOutput(job_id, job_id)
 
@@ -214,13 +230,20 @@ class JobNode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EGRPOJob", display_name="E-GRPO Job", category=types.CATEGORY,
+            description="Waits for a training job (or reports its state now): its LoRA name for LoraLoader, its "
+                        "reward curve and a status line that says why it waits or how it ended.",
             inputs=[types.Job.Input("job", tooltip="A job from E-GRPO Train LoRA."),
                     io.Boolean.Input("wait", default=True, tooltip="Wait for the job to end (Cancel in the queue stops "
                                                                     "waiting, not the job); off = report its state now."),
                     io.Int.Input("timeout_minutes", default=0, min=0, max=100000,
                                  tooltip="Stop waiting after this many minutes (0 = no limit).")],
-            outputs=[io.String.Output(display_name="lora_name"), io.Image.Output(display_name="reward_curve"),
-                     io.String.Output(display_name="status")],
+            outputs=[io.String.Output(display_name="lora_name", tooltip="The LoRA as the core LoraLoader lists it "
+                                                                        "(egrpo/NAME.safetensors); empty for the "
+                                                                        "embedded digits model, whose LoRA stays in "
+                                                                        "the job folder."),
+                     io.Image.Output(display_name="reward_curve", tooltip="Training and held-out reward per iteration."),
+                     io.String.Output(display_name="status", tooltip="State, iteration, reward, the message (why it "
+                                                                     "waits, how it ended) and the LoRA's path.")],
         )
 
     @classmethod

@@ -4,6 +4,7 @@ The nodes' `execute` is called directly, as ComfyUI's own node tests do; the sam
 driven with a fake flow model that returns a fixed x0, so its arithmetic is checked exactly.
 """
 
+import re
 import sys
 from pathlib import Path
 
@@ -19,15 +20,19 @@ from nodes import all_nodes, plan_nodes, prompt_nodes, reward_nodes, sampling, t
 from egrpo_backend.schedule import shifted_sigmas  # noqa: E402
 
 
-def test_every_node_has_category_and_tooltips():
-    """Faked comfy_api: every schema sits under E-GRPO and every input carries a tooltip."""
+def test_every_node_has_category_description_and_tooltips():
+    """Faked comfy_api: every schema sits under E-GRPO, says what it is for, and every input and output
+    carries a tooltip."""
     schemas = [n.define_schema() for n in all_nodes()]
     ids = [s.node_id for s in schemas]
     assert len(ids) == len(set(ids))
     for s in schemas:
         assert s.category.startswith("E-GRPO"), s.node_id
+        assert s.description, f"{s.node_id} has no description"
         for i in s.inputs:
             assert i.tooltip, f"{s.node_id}.{i.id} has no tooltip"
+        for k, o in enumerate(s.outputs):
+            assert o.tooltip, f"{s.node_id} output {o.display_name or k} has no tooltip"
     assert {"EGRPOSampler", "EGRPOEntropyPlan", "EGRPOGroupPreview", "EGRPOPromptList", "EGRPOTrainLora",
             "EGRPOJob", "EGRPOCombineRewards", "EGRPOReward_digit_probability"} <= set(ids)
 
@@ -110,16 +115,35 @@ def test_group_preview_branch_shares_prefix():
     assert not torch.allclose(out[0], out[1])
 
 
-def test_prompt_list_parses_text_and_file(tmp_path):
-    """Faked comfy_api; folder_paths absent: relative files are read from the working folder."""
-    f = tmp_path / "p.txt"
-    f.write_text("a handwritten digit one\n# comment\n\na handwritten digit two\n")
-    out = prompt_nodes.PromptListNode.execute("a handwritten digit three\n\n", str(f))
+def fake_folder_paths(monkeypatch, tmp_path):
+    """A faked folder_paths whose input folder is tmp_path/input (what ComfyUI's module offers the pack)."""
+    import types as pytypes
+
+    fp = pytypes.ModuleType("folder_paths")
+    (tmp_path / "input").mkdir(exist_ok=True)
+    fp.get_input_directory = lambda: str(tmp_path / "input")
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return tmp_path / "input"
+
+
+def test_prompt_list_parses_text_and_a_file_chosen_from_the_input_folder(tmp_path, monkeypatch):
+    """Faked comfy_api and folder_paths: the file is a choice among input/*.txt; other paths are refused."""
+    inp = fake_folder_paths(monkeypatch, tmp_path)
+    (inp / "sub").mkdir()
+    (inp / "sub" / "p.txt").write_text("a handwritten digit one\n# comment\n\na handwritten digit two\n")
+    (inp / "image.png").write_bytes(b"not a prompt file")
+    (tmp_path / "secret.txt").write_text("outside the input folder")
+    schema = prompt_nodes.PromptListNode.define_schema()
+    file_input = next(i for i in schema.inputs if i.id == "file")
+    assert file_input.io_type == "COMBO" and file_input.kwargs["options"] == ["(none)", "sub/p.txt"]
+    out = prompt_nodes.PromptListNode.execute("a handwritten digit three\n\n", "sub/p.txt")
     assert out.args == (["a handwritten digit three", "a handwritten digit one", "a handwritten digit two"], 3)
+    assert prompt_nodes.PromptListNode.execute("x", "(none)").args == (["x"], 1)
     with pytest.raises(ValueError, match="empty"):
-        prompt_nodes.PromptListNode.execute("  \n# only a comment", "")
-    with pytest.raises(ValueError, match="not found"):
-        prompt_nodes.PromptListNode.execute("x", str(tmp_path / "missing.txt"))
+        prompt_nodes.PromptListNode.execute("  \n# only a comment", "(none)")
+    for bad in (str(tmp_path / "secret.txt"), "../secret.txt", "image.png", "missing.txt"):
+        with pytest.raises(ValueError, match="not allowed|not a .txt file"):
+            prompt_nodes.PromptListNode.execute("x", bad)
 
 
 def test_reward_nodes_and_combine():
@@ -175,3 +199,168 @@ def test_train_spec_and_job_id_are_deterministic():
     assert over["train"]["minibatches"] == 4 and over["train"]["iterations"] == 2
     with pytest.raises(ValueError, match="JSON"):
         train_nodes.build_spec(**kw, overrides="{nope")
+
+
+# --- E-GRPO Train LoRA: everything checkable is checked in the node, before a job folder exists ---------
+class RecordingManager:
+    """Stands in for the job manager: the real job_dir rules, and submit records the spec (no child)."""
+
+    def __init__(self, root):
+        from nodes.job_manager import JobManager
+
+        self._real = JobManager(root)
+        self.root, self.poll_seconds, self.submitted = self._real.root, 0.01, []
+
+    def job_dir(self, job_id):
+        return self._real.job_dir(job_id)
+
+    def submit(self, spec, job_id):
+        self.submitted.append((job_id, spec))
+        return job_id
+
+
+@pytest.fixture
+def recording_manager(tmp_path):
+    from nodes import job_manager
+
+    m = RecordingManager(tmp_path / "jobs")
+    job_manager.set_manager(m)
+    yield m
+    job_manager.set_manager(None)
+
+
+class Recorded:
+    """A MODEL / VAE as a core loader returns it: the call is recorded as cached_patcher_init."""
+
+    def __init__(self, loader, path):
+        def fn(*a):
+            pass
+
+        fn.__name__ = loader
+        self.cached_patcher_init = (fn, (str(path),))
+
+
+class FakeClip:
+    """encode_from_tokens_scheduled as ComfyUI's CLIP returns it: [[cond, {"pooled_output": ...}]]."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        g = torch.Generator().manual_seed(len(tokens))
+        return [[torch.randn(1, 4, 8, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+
+
+TRAIN = dict(reward=[{"name": "jpeg_compressibility", "weight": 1.0}], name="t", preset="egrpo", iterations=2,
+             group_size=2, prompts_per_iteration=1, steps=6, shift=3.0, eta=0.7, tau=2.2, active="0-1", lr=1e-3,
+             clip_range=0.2, lora_rank=4, seed=0)
+
+
+def comfy_inputs(tmp_path):
+    (tmp_path / "flux.safetensors").write_bytes(b"x")
+    (tmp_path / "ae.safetensors").write_bytes(b"x")
+    return dict(source="comfy", prompts=["a red fox", "a lighthouse"], clip=FakeClip(),
+                model=Recorded("load_diffusion_model", tmp_path / "flux.safetensors"),
+                vae=Recorded("load_vae", tmp_path / "ae.safetensors"))
+
+
+def no_job_folder(manager):
+    return not manager.root.exists() or not any(manager.root.iterdir())
+
+
+def test_train_node_comfy_spec_uses_width_height_inputs_and_checkpoints_by_default(recording_manager, tmp_path):
+    """source = comfy: width/height are inputs that land in model.comfy, and the spec the node writes
+    for a ComfyUI model resolves gradient checkpointing ON on the CPU too (Flux cannot backpropagate
+    without it: in-place residual adds)."""
+    from egrpo_backend.config import JobSpec
+
+    job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path), width=256, height=384).args[1]
+    (submitted_id, spec), = recording_manager.submitted
+    assert submitted_id == job_id and (recording_manager.root / job_id / "conds.safetensors").is_file()
+    comfy = spec["model"]["comfy"]
+    assert (comfy["width"], comfy["height"], comfy["kind"]) == (256, 384, "diffusion_model")
+    model = JobSpec.from_dict(spec).model
+    assert model.gradient_checkpointing == "auto" and model.gradient_checkpointing_on(torch.device("cpu")) is True
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ('{"model": {"comfy": {"width": 1024}}}', "model.comfy.width, which the node sets from its width input"),
+    ('{"model": {"comfy": {"height": 640, "guidance": 1}}}', "model.comfy.height, which the node sets from its height"),
+    ('{"model": {"comfy": {"widht": 1024}}}', "unknown key 'model.comfy.widht'"),  # a typo is named, not dropped
+    ('{"model": {"path": "/other.safetensors"}}', "model.path, which the node sets from its model input"),
+    ('{"train": {"iterations": 5}}', "train.iterations, which the node sets from its iterations input"),
+    ('{"model": {"family": "flux"}}', "model.family, which applies to model.source = 'diffusers' only"),
+    ('{"train": {"minibatchs": 4}}', "unknown key 'train.minibatchs'"),
+    ('{"train": {"minibatches": 0}}', "train.minibatches = 0 is out of range"),
+    ("[1, 2]", "must be a JSON object"),
+])
+def test_train_node_refuses_a_bad_override_before_a_job_folder_exists(recording_manager, tmp_path, overrides, needle):
+    """Every spec_overrides key is applied or refused by name in the node; nothing is written first."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path), spec_overrides=overrides)
+    assert no_job_folder(recording_manager) and not recording_manager.submitted
+
+
+def test_train_node_applies_an_override_it_has_no_input_for(recording_manager, tmp_path):
+    train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path),
+                                      spec_overrides='{"model": {"gradient_checkpointing": "off"}, "train": {"minibatches": 2}}')
+    (_, spec), = recording_manager.submitted
+    assert spec["model"]["gradient_checkpointing"] == "off" and spec["train"]["minibatches"] == 2
+
+
+@pytest.mark.parametrize("source,prompts,reward,needle", [
+    ("default", ["a handwritten digit three", "a red cube"], "jpeg_compressibility", "'a red cube' names no digit"),
+    ("default", ["digit 3 or 4"], "digit_probability", "names several digits"),
+    ("comfy", ["a red fox"], "digit_probability", "'a red fox' names no digit"),
+])
+def test_train_node_refuses_prompts_the_job_cannot_use_before_a_job_folder_exists(recording_manager, tmp_path, source,
+                                                                                 prompts, reward, needle):
+    """The embedded digits model (and the digit reward) need one digit per prompt: refused in the node,
+    with the fix, not later in the child."""
+    inputs = comfy_inputs(tmp_path) if source == "comfy" else {"source": "default"}
+    inputs["prompts"] = prompts
+    with pytest.raises(ValueError, match=needle) as e:
+        train_nodes.TrainLoraNode.execute(**{**TRAIN, "reward": [{"name": reward, "weight": 1.0}]}, **inputs)
+    assert "exactly one digit" in str(e.value)
+    assert no_job_folder(recording_manager) and not recording_manager.submitted
+
+
+def test_train_node_refuses_eval_prompts_without_a_digit_and_a_missing_cuda(recording_manager):
+    with pytest.raises(ValueError, match="eval_prompts: prompt 'a cat'"):
+        train_nodes.TrainLoraNode.execute(**TRAIN, source="default", spec_overrides='{"eval_prompts": ["a cat"]}')
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            train_nodes.TrainLoraNode.execute(**TRAIN, source="default", device="cuda")
+    assert no_job_folder(recording_manager) and not recording_manager.submitted
+
+
+def test_train_node_refuses_a_model_reward_without_its_weight_files(recording_manager, tmp_path, monkeypatch):
+    monkeypatch.delenv("EGRPO_REWARD_DIR", raising=False)
+    reward = [{"name": "hpsv2", "weight": 1.0, "reward_dir": [str(tmp_path / "rewards")]}]
+    with pytest.raises(ValueError, match="reward 'hpsv2' needs .* not found in"):
+        train_nodes.TrainLoraNode.execute(**{**TRAIN, "reward": reward}, source="default")
+    assert no_job_folder(recording_manager)
+
+
+@pytest.mark.parametrize("tau,active", [(0.0, "0-7"), (2.2, "0-7"), (0.0, "all")])
+def test_plan_chart_legend_covers_no_bar_and_no_label_is_clipped(tau, active):
+    """The Entropy Plan node's chart: the legend sits outside the axes (at tau = 0 it used to cover bars)
+    and every `l=` label lies inside the axes (the tallest one used to be cut by the top edge)."""
+    from egrpo_backend.plots import entropy_plan_figure
+    from egrpo_backend.schedule import build_plan
+
+    plt, fig = entropy_plan_figure(build_plan(shifted_sigmas(16, 3.0), 0.7, tau, active))
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        box = ax.get_window_extent(renderer)
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 < box.y0, "the legend overlaps the plot"
+        labels = [t for t in ax.texts if t.get_text().startswith("l=")]
+        assert labels
+        for t in labels:
+            e = t.get_window_extent(renderer)
+            assert box.y0 <= e.y0 and e.y1 <= box.y1, f"label {t.get_text()} at step {t.xy[0]} is clipped"
+    finally:
+        plt.close(fig)

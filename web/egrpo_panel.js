@@ -115,6 +115,9 @@ function jobRow(job) {
     `${job.iteration}/${job.total} it` + (job.reward_mean != null ? ` · reward ${job.reward_mean.toFixed(3)}` : "") +
     (job.eta_seconds != null ? ` · ${fmtEta(job.eta_seconds)}` : "")),
   job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: job.status === "failed" ? "#f66" : "#aaa" } }, job.message) : null,
+  // The embedded digits model's LoRA is not offered to LoraLoader (no ComfyUI model can load it).
+  job.lora && !job.lora_name ? el("div", { class: "egrpo-lora-path", style: { fontSize: "11px", opacity: 0.7 } },
+    `LoRA for the embedded digits model (kept in the job folder): ${job.lora}`) : null,
   buttons);
 }
 

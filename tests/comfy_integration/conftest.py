@@ -8,8 +8,9 @@ Fixtures
   comfy_server   (module scope) `main.py --cpu` with this pack linked into a temporary custom_nodes
                  folder, its own jobs folder and output folder; yields a ComfyServer (url, log, tmp, http).
   tiny_flux      (session scope) a tiny Flux model file made from ComfyUI's own classes (random weights),
-                 trained 2 iterations through the `comfy` policy in a job child process; yields the paths
-                 of the model, the job folder and its kohya LoRA.
+                 loaded by ComfyUI's loaders in a job child process and trained 2 iterations through the
+                 `comfy` policy with the DEFAULT model settings (gradient checkpointing "auto", 512 x 512) on
+                 the CPU; yields the paths of the model, the job folder and its kohya LoRA.
 Helpers: the test modules here import them as `from comfy_itest import ...` (this conftest registers
 itself under that name: plain `import conftest` would be ambiguous beside tests/conftest.py).
 """
@@ -64,7 +65,7 @@ def training_prompt(name: str, iterations: int = 2, reward: str = "jpeg_compress
                     overrides: dict | None = None) -> dict:
     """API-format prompt: reward -> E-GRPO Train LoRA (embedded default model, CPU) -> PreviewAny(job id)."""
     spec = {"eval_prompts": ["a handwritten digit one"], "eval_seeds": [10000],
-            "train": {"threads": 1, "device": "cpu", "checkpoint_every": 1}}
+            "train": {"threads": 1, "checkpoint_every": 1}}
     for k, v in (overrides or {}).items():
         spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
     return {
@@ -72,7 +73,7 @@ def training_prompt(name: str, iterations: int = 2, reward: str = "jpeg_compress
         "2": {"class_type": "EGRPOTrainLora", "inputs": {
             "source": "default", "reward": ["1", 0], "name": name, "preset": "egrpo", "iterations": iterations,
             "group_size": 2, "prompts_per_iteration": 1, "steps": 6, "shift": 3.0, "eta": 0.7, "tau": 2.2,
-            "active": "0-1", "lr": 1e-3, "clip_range": 0.2, "lora_rank": 2, "seed": seed,
+            "active": "0-1", "lr": 1e-3, "clip_range": 0.2, "lora_rank": 2, "seed": seed, "device": "cpu",
             "spec_overrides": json.dumps(spec)}},
         "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
     }
@@ -222,10 +223,11 @@ def tiny_flux(tmp_path_factory):
         conds[f"cond.{i}"] = torch.randn(1, 5, 32, generator=g)
         conds[f"pooled.{i}"] = torch.randn(1, 32, generator=g)
     save_file(conds, str(tmp / "conds.safetensors"), metadata={"prompts": json.dumps(prompts)})
-    spec = {"model": {"source": "comfy", "path": str(model_path), "gradient_checkpointing": "on",
+    # model settings as E-GRPO Train LoRA writes them, nothing forced: gradient checkpointing stays "auto"
+    # (which must resolve to on for a comfy model even on the CPU: Flux blocks add residuals in place)
+    spec = {"model": {"source": "comfy", "path": str(model_path),
                       "comfy": {"comfy_root": COMFY, "kind": "diffusion_model", "vae": "",
-                                "cond_cache": str(tmp / "conds.safetensors"), "width": 64, "height": 64,
-                                "guidance": 3.5}},
+                                "cond_cache": str(tmp / "conds.safetensors")}},
             "prompts": prompts[:2], "rewards": [{"name": "jpeg_compressibility"}],
             "algorithm": {"steps": 6, "active": "0-1", "group_size": 2, "clip_range": 0.2},
             "train": {"iterations": 2, "prompts_per_iteration": 1, "lr": 1e-2, "device": "cpu", "threads": 2},

@@ -1,8 +1,9 @@
 """A tiny Flux-class model trains through the `comfy` policy and its LoRA loads in ComfyUI (real ComfyUI).
 
 The `tiny_flux` fixture (conftest.py) builds the model file from ComfyUI's own classes
-(comfy.supported_models.Flux, random weights) and trains 2 iterations in a job child process run by
-COMFYUI_PYTHON (`python -m egrpo_backend run JOB_DIR`). Here the kohya LoRA it exported is loaded with
+(comfy.supported_models.Flux, random weights) and trains 2 iterations, with the default model settings, in
+a job child process run by COMFYUI_PYTHON (`python -m egrpo_backend run JOB_DIR`) that loads it with
+ComfyUI's loaders on the CPU. Here the kohya LoRA it exported is loaded with
 ComfyUI's own LoRA loading (comfy.sd.load_lora_for_models, what LoraLoaderModelOnly calls): every key
 maps (no "lora key not loaded" warning), one weight patch per LoRA module, and the patched model's
 output differs from the base model's.
@@ -47,6 +48,10 @@ print("RESULT " + json.dumps({
 
 
 def test_tiny_flux_trains_through_comfy_policy(tiny_flux):
+    """With the default model settings: gradient checkpointing "auto" (on for comfy models, also on the CPU;
+    without it Flux's in-place residual adds break the backward pass) and the default 512 x 512 size."""
+    model = json.loads((tiny_flux["job"] / "job.json").read_text())["model"]
+    assert model["gradient_checkpointing"] == "auto" and (model["comfy"]["width"], model["comfy"]["height"]) == (512, 512)
     status = tiny_flux["status"]
     assert status["status"] == "finished", status
     assert status.get("iteration") == 2, status

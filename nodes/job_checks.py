@@ -1,0 +1,96 @@
+"""What a training job would refuse later, checked in E-GRPO Train LoRA before any job folder exists.
+
+The child process validates its spec again, but a mistake found there costs a job folder, a child
+start and a failed row in the panel. These checks raise the same complaint at once, as the node's
+error, naming the key (or the input) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+# Spec keys the node sets from one of its inputs -> that input. spec_overrides may not set them:
+# two places for one value would leave one silently ignored.
+NODE_KEYS = {
+    "model.source": "source", "model.path": "model", "model.comfy.comfy_root": "model",
+    "model.comfy.kind": "model", "model.comfy.vae": "vae (or vae_name)", "model.comfy.cond_cache": "clip",
+    "model.comfy.guidance": "guidance", "model.comfy.width": "width", "model.comfy.height": "height",
+    "prompts": "prompts", "rewards": "reward", "algorithm.preset": "preset", "algorithm.steps": "steps",
+    "algorithm.shift": "shift", "algorithm.eta": "eta", "algorithm.tau": "tau", "algorithm.active": "active",
+    "algorithm.group_size": "group_size", "algorithm.clip_range": "clip_range", "lora.rank": "lora_rank",
+    "train.iterations": "iterations", "train.prompts_per_iteration": "prompts_per_iteration", "train.lr": "lr",
+    "train.seed": "seed", "train.device": "device", "output.name": "name",
+}
+PLAN_KEYS = {"algorithm.sigmas": "plan", "algorithm.diffusion": "plan"}  # set by a connected plan
+SOURCE_ONLY = {"model.family": "diffusers", "model.comfy": "comfy"}  # meaningful for one source only
+
+
+def parse_overrides(text: str) -> dict:
+    """spec_overrides as a dict ({} when blank); the error says what JSON is expected."""
+    if not text.strip():
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"spec_overrides is not valid JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError('spec_overrides must be a JSON object like {"train": {"minibatches": 4}}')
+    return extra
+
+
+def refuse_node_keys(extra: dict, source: str, plan: bool, prefix: str = "") -> None:
+    """Every override is applied (merged into the spec, then validated by JobSpec) or refused here by name:
+    keys an input of the node sets, and keys the chosen source would ignore."""
+    owned = {**NODE_KEYS, **(PLAN_KEYS if plan else {})}
+    for k, v in extra.items():
+        key = f"{prefix}{k}"
+        if key in owned:
+            raise ValueError(f"spec_overrides sets {key}, which the node sets from its {owned[key]} input; remove "
+                             f"{key} from spec_overrides and set {owned[key]} instead")
+        if key in SOURCE_ONLY and SOURCE_ONLY[key] != source:
+            raise ValueError(f"spec_overrides sets {key}, which applies to model.source = {SOURCE_ONLY[key]!r} only "
+                             f"(this node trains source = {source!r}); remove it")
+        if isinstance(v, dict):
+            refuse_node_keys(v, source, plan, key + ".")
+
+
+def check_prompts(job) -> None:
+    """The embedded digits model (and the digit_probability reward) understand prompts that name exactly
+    one digit; the same check the job would run, on every training and held-out prompt."""
+    needs_digit = job.model.source == "default" or any(r["name"] == "digit_probability" for r in job.rewards)
+    if not needs_digit:
+        return
+    from egrpo_backend.default_model.digits import digit_of_prompt
+
+    why = "the embedded digits model" if job.model.source == "default" else "the digit_probability reward"
+    for key, prompts in (("prompts", job.prompt_list()), ("eval_prompts", job.prompt_list(eval=True))):
+        for p in prompts:
+            try:
+                digit_of_prompt(p)
+            except ValueError as e:
+                raise ValueError(f"{key}: {e} ({why} reads the digit from the prompt)") from None
+
+
+def check_device(device: str) -> None:
+    """A CUDA device that ComfyUI's own process cannot see would fail in the job too."""
+    from egrpo_backend.policies import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {e}") from None
+
+
+def check_reward_files(rewards: list[dict]) -> None:
+    """Model-based rewards need weight files; a missing one is named with where it was looked for."""
+    try:
+        from egrpo_backend.rewards.models.status import reward_status
+    except ImportError:  # optional dependencies missing: the job reports it
+        return
+    for r in rewards:
+        if set(r) - {"name", "weight", "reward_dir"}:
+            continue  # custom options may name other files: the job checks those
+        row = next((s for s in reward_status(r.get("reward_dir")) if s["name"] == r["name"]), None)
+        if row is not None and not row["found"]:
+            raise ValueError(f"reward {r['name']!r} needs {', '.join(row['files'])}, not found in {row['searched']}. "
+                             f"{row['hint']}".strip())
