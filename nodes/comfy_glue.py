@@ -68,11 +68,6 @@ def comfy_root() -> str:
     return str(Path(fp.__file__).resolve().parent) if fp else ""
 
 
-def lora_file_names() -> list[str]:
-    fp = _folder_paths()
-    return fp.get_filename_list("loras") if fp else []
-
-
 def send_event(event: str, data: dict) -> None:
     """Forward to every browser over ComfyUI's websocket (thread-safe); a no-op outside ComfyUI."""
     try:

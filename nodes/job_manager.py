@@ -302,19 +302,6 @@ class JobManager:
         events, _ = backend_jobs.read_events(path)
         return next((e for e in reversed(events) if e["type"] == "metrics"), {})
 
-    def wait(self, job_id: str, timeout: float | None = None, on_poll: Callable[[dict], None] | None = None) -> dict:
-        """Block until the job is neither queued nor running (or timeout); returns get(job_id)."""
-        deadline = None if timeout is None else time.time() + timeout
-        while True:
-            info = self.get(job_id)
-            if on_poll:
-                on_poll(info)
-            if info["status"] not in ("queued", "running", "created") or (info["status"] == "created" and not self._is_active(job_id)):
-                return info
-            if deadline is not None and time.time() > deadline:
-                return info
-            time.sleep(self.poll_seconds)
-
     # --- start-up: what a previous ComfyUI left ---------------------------------------------------
     def scan(self) -> list[str]:
         """At start-up: adopt the job a previous ComfyUI's child still runs (its lock is held), mark jobs

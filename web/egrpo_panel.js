@@ -162,9 +162,6 @@ app.registerExtension({
       } else if (detail.type === "error") {
         toast("error", "E-GRPO job failed", `${detail.job}: ${detail.message}`);
       }
-      if (detail.type === "metrics" && detail.job === state.selected && state.metrics[detail.job]) {
-        state.metrics[detail.job].train.push({ iteration: detail.iteration, reward_mean: detail.reward_mean });
-      }
       scheduleRefresh();
     });
     const tab = {
