@@ -142,6 +142,7 @@ class JobManager:
                 return job_id
             if self.loras_dir and not spec.get("output", {}).get("copy_to") and _lists_in_comfyui(spec):
                 spec = {**spec, "output": {**spec.get("output", {}), "copy_to": str(self.loras_dir)}}
+            _check_copy_to(spec.get("output", {}).get("copy_to"), self.loras_dir)
             position = self._queue.append(job_id, "run")  # saved first: a restart then finds it or no job at all
             try:
                 backend_jobs.create_job(spec, path)
@@ -520,6 +521,16 @@ class JobManager:
         self._running = _Running(job_id, path, proc, log_file)
         self._running.offset = offset
         self._emit(job_id, {"type": "process", "pid": proc.pid, "command": command})
+
+
+def _check_copy_to(copy_to, loras_dir: Path | None) -> None:
+    """A LoRA copy goes only into the loras folder the server registered (comfy_glue.loras_dir)."""
+    if not copy_to:
+        return
+    dest = Path(copy_to).resolve()
+    if loras_dir is None or (dest != loras_dir and loras_dir not in dest.parents):
+        raise ValueError(f"output.copy_to {copy_to!r} is refused: LoRAs are copied only into ComfyUI's loras "
+                         f"folder ({loras_dir or 'none registered'}); remove output.copy_to")
 
 
 def _lists_in_comfyui(spec: dict) -> bool:
