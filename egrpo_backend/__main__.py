@@ -95,7 +95,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .jobs import read_status
+    from .job_folder import current_status as read_status  # a dead run reads as "failed: process ended"
 
     print(json.dumps(read_status(a.job_dir), indent=2))
     return 0

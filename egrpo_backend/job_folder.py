@@ -27,12 +27,48 @@ def read_json(path: Path, default=None):
         return default
 
 
+def _status_problem(status) -> str | None:
+    """What is wrong with a status.json's content, or None when it is usable."""
+    if not isinstance(status, dict):
+        return f"status.json holds a {type(status).__name__}, not an object"
+    if status.get("status") not in STATUSES:
+        return f"status.json has status {status.get('status')!r}, not one of {', '.join(STATUSES)}"
+    for key in ("iteration", "total"):
+        value = status.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"status.json has {key} {value!r}, not a whole number"
+    return None
+
+
 def read_status(job_dir) -> dict:
-    return read_json(Path(job_dir) / "status.json", {"status": "created"})
+    """status.json as saved; a damaged one reads as {"status": "damaged", "message": why} (never raises
+    for its content, so one damaged folder cannot break a job list)."""
+    try:
+        status = read_json(Path(job_dir) / "status.json", {"status": "created"})
+    except (ValueError, OSError) as e:
+        return {"status": "damaged", "message": f"status.json cannot be read ({e}); delete the job or fix the file"}
+    problem = _status_problem(status)
+    if problem:
+        return {"status": "damaged", "message": f"{problem}; delete the job or fix the file"}
+    return status
+
+
+def current_status(job_dir) -> dict:
+    """read_status, corrected by the job's lock (job_process.py): a job saved as running that no process
+    runs any more (killed, crashed, a full disk that stopped even its last status write) failed."""
+    status = read_status(job_dir)
+    if status.get("status") == "running" and not job_process.job_running(job_dir):
+        status = {**status, "status": "failed", "pid": None, "message": PROCESS_ENDED}
+    return status
+
+
+PROCESS_ENDED = ("process ended: the job's process is gone without writing an end (killed, crashed, a full disk, "
+                 "or ComfyUI or the machine stopped); resume it from its last checkpoint")
 
 
 def write_status(job_dir, **fields) -> dict:
-    status = {**read_status(job_dir), **fields, "updated": time.time()}
+    saved = read_status(job_dir)
+    status = {**({} if saved.get("status") == "damaged" else saved), **fields, "updated": time.time()}
     atomic_write_json(Path(job_dir) / "status.json", status)
     return status
 

@@ -43,8 +43,8 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
 from .guard import HackingGuard
-from .job_folder import (STATUSES, EventLog, create_job, load_spec, read_events, read_json, read_status, request_cancel,
-                         write_status)
+from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
+                         read_json, read_status, request_cancel, write_status)
 from .paths import check_name
 from .policies import source_defaults
 from .provenance import lora_metadata
@@ -183,5 +183,5 @@ def resume_job(job_dir, until: int | None = None, progress: bool = True) -> dict
     return run_job(job_dir, until=until, progress=progress)
 
 
-__all__ = ["STATUSES", "EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec",
+__all__ = ["PROCESS_ENDED", "STATUSES", "current_status", "EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec",
            "read_events", "read_json", "read_status", "request_cancel", "resume_job", "run_job", "write_status"]
