@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import job_process
 from .atomic import atomic_write_json
+from .job_files import append_line, open_job_file, refuse_link
 from .config import JobSpec
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
@@ -69,7 +70,7 @@ PROCESS_ENDED = ("process ended: the job's process is gone without writing an en
 def write_status(job_dir, **fields) -> dict:
     saved = read_status(job_dir)
     status = {**({} if saved.get("status") == "damaged" else saved), **fields, "updated": time.time()}
-    atomic_write_json(Path(job_dir) / "status.json", status)
+    atomic_write_json(refuse_link(Path(job_dir) / "status.json"), status)  # replaced, never written through a link
     return status
 
 
@@ -92,16 +93,17 @@ def read_events(job_dir, offset: int = 0) -> tuple[list[dict], int]:
 
 
 class EventLog:
+    """events.jsonl: each event one whole line or nothing (job_files.append_line); the first append
+    cuts a half line a crash left, so the next event is not glued onto it and lost."""
+
     def __init__(self, job_dir):
         self.path = Path(job_dir) / "events.jsonl"
+        self._repaired = False
 
     def emit(self, type: str, **data) -> dict:
         event = {"type": type, "time": time.time(), **data}
-        line = json.dumps(event, default=float) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, (json.dumps(event, default=float) + "\n").encode("utf-8"), repair=not self._repaired)
+        self._repaired = True
         return event
 
 
@@ -149,7 +151,11 @@ def request_cancel(job_dir) -> bool:
     if not job_process.job_running(job_dir):
         raise RuntimeError(f"job {job_dir} is not running (no process holds {job_process.LOCK_FILE}): there is "
                            f"nothing to cancel; its status is {read_status(job_dir).get('status')!r}")
-    (job_dir / job_process.CANCEL_FILE).write_text(str(time.time()))
+    fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
+    try:
+        os.write(fd, str(time.time()).encode())
+    finally:
+        os.close(fd)
     return job_process.signal_owner(job_dir, signal.SIGTERM)
 
 
