@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 from . import job_process
-from .atomic import atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
+from .config import JobSpec, SpecError
 from .job_files import append_line, open_job_file, refuse_link
-from .config import JobSpec
+from .provenance import prompt_digest
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
 
@@ -107,11 +109,33 @@ class EventLog:
         return event
 
 
+PROMPTS_FILE = re.compile(r"^prompts-[0-9a-f]{64}\.json$")  # a prompt list stored once in the job folder
+
+
 def load_spec(job_dir) -> JobSpec:
     path = Path(job_dir) / "job.json"
     if not path.is_file():
         raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json); create one with `train spec.json --out DIR`")
-    return JobSpec.from_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+    for key in ("prompts", "eval_prompts"):  # the job's own prompt files live beside job.json, wherever it moved
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, dict) and PROMPTS_FILE.match(str(value.get("file", ""))):
+            data[key] = {**value, "file": str(Path(job_dir).resolve() / value["file"])}
+    return JobSpec.from_dict(data, base_dir=str(path.resolve().parent))
+
+
+def _store_prompts(job_dir: Path, prompts: list[str]):
+    """The prompt list as prompts-<sha256>.json in the job folder (the hash the LoRA header names,
+    provenance.prompt_digest); job.json refers to it, so a huge list is stored once and bloats nothing."""
+    if not prompts:
+        return []
+    name = f"prompts-{prompt_digest(prompts)['sha256']}.json"
+    if not (job_dir / name).is_file():
+        atomic_write_bytes(refuse_link(job_dir / name), json.dumps(prompts).encode("utf-8"))
+    return {"file": name}
 
 
 def create_job(spec: JobSpec | dict, job_dir) -> Path:
@@ -129,11 +153,9 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
     except OSError as e:
         raise PermissionError(f"cannot write the job directory {job_dir}: {e.strerror}; choose a writable --out") from None
     data = spec.to_dict()
-    # Relative files in the spec were resolved against its folder: keep them findable from the job.
-    if isinstance(spec.prompts, dict):
-        data["prompts"] = spec.prompt_list()
-    if isinstance(spec.eval_prompts, dict):
-        data["eval_prompts"] = spec.prompt_list(eval=True)
+    # Prompts (a list, or a file read once here) are stored once in the job folder and referred to by hash.
+    data["prompts"] = _store_prompts(job_dir, spec.prompt_list())
+    data["eval_prompts"] = _store_prompts(job_dir, spec.prompt_list(eval=True) if spec.eval_prompts else [])
     atomic_write_json(job_dir / "job.json", data)
     write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
     return job_dir

@@ -1,7 +1,8 @@
 """Training jobs as directories: run, resume, export (job_folder.py: create, status, events, cancel).
 
 A job directory holds
-  job.json          the full spec (JobSpec.to_dict())
+  job.json          the full spec (JobSpec.to_dict()), its prompt lists as {"file": "prompts-<sha256>.json"}
+  prompts-<sha256>.json  a prompt list (JSON), stored once; the sha256 is the one LoRA headers name
   status.json       {"status", "iteration", "total", "pid", "updated", "message", "lora"}
   events.jsonl      one JSON object per line (see EVENT TYPES below), appended and flushed
   checkpoints/      iter_NNNNNN/{lora.safetensors, state.pt} + latest.json (checkpoint.py)
