@@ -352,8 +352,11 @@ class JobManager:
                     continue  # else another process (the CLI) runs it: get() shows it running
                 ended = backend_jobs.read_status(path).get("status") == "running"
                 if ended:
-                    backend_jobs.write_status(path, status="failed", pid=None, message=backend_jobs.PROCESS_ENDED)
-                    (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+                    try:
+                        backend_jobs.write_status(path, status="failed", pid=None, message=backend_jobs.PROCESS_ENDED)
+                        (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+                    except (ValueError, OSError) as e:  # a linked status.json, a full disk: get() still reads failed
+                        log.warning("E-GRPO: cannot mark job %s failed: %s", path.name, e)
                 if ended or backend_jobs.read_status(path).get("status") in ("stopped", "created"):
                     resumable.append(path.name)
             line = []

@@ -79,3 +79,16 @@ def test_a_running_job_without_a_process_reads_failed_in_the_cli(manager):
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["status"] == "failed" and status["message"].startswith("process ended")
+
+
+def test_start_up_scan_survives_a_job_whose_status_cannot_be_written(manager, tmp_path):
+    """A linked status.json saying running: the scan refuses to write through the link, goes on, and
+    the job still reads failed (process ended)."""
+    job = create_job(SPEC, manager.root / "linked")
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"status": "running", "iteration": 1, "total": 3}))
+    (job / "status.json").unlink()
+    (job / "status.json").symlink_to(outside)
+    assert "linked" in manager.scan()
+    assert json.loads(outside.read_text())["status"] == "running"  # nothing written through the link
+    assert get(manager, "/egrpo/jobs/linked")[1]["status"] == "failed"
