@@ -17,7 +17,7 @@ from egrpo_backend import jobs as jobs_module
 from egrpo_backend.__main__ import main
 from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
 from egrpo_backend.job_files import DiskFull
-from egrpo_backend.jobs import EventLog, create_job, current_status, read_events, read_status, run_job
+from egrpo_backend.jobs import EventLog, create_job, read_events, read_status, run_job
 from test_jobs import tiny_spec
 
 
@@ -96,6 +96,8 @@ def test_when_even_the_failed_status_cannot_be_written_it_reads_failed(job, monk
     rc, err = cli("resume", str(job), "--quiet")
     assert rc == 2 and "Traceback" not in err and "disk full" in err, err
     assert read_status(job)["status"] == "running"  # the last word the disk took
+    from egrpo_backend.job_folder import current_status
+
     assert current_status(job)["status"] == "failed" and current_status(job)["message"].startswith("process ended")
     assert all(line.endswith(b"}") for line in (job / "events.jsonl").read_bytes().splitlines())
     json.loads((job / "events.jsonl").read_bytes().splitlines()[-1])
