@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -95,7 +96,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .jobs import read_status
+    from .job_folder import current_status as read_status  # a dead run reads as "failed: process ended"
 
     print(json.dumps(read_status(a.job_dir), indent=2))
     return 0
@@ -192,6 +193,11 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk (job_files.DiskFull names the folder and the bytes needed)
+        if getattr(e, "errno", None) not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

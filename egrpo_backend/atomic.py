@@ -16,15 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .job_files import DiskFull, is_disk_full
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once (setting it back at once)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int = 0) -> Iterator[Path]:
     """Yield a temp path next to `path`; on normal exit it replaces `path`, on error it is removed.
 
-    The caller writes the temp path (and may close it) inside the `with` block.
+    The caller writes the temp path (and may close it) inside the `with` block. A full disk raises
+    job_files.DiskFull naming the folder and the bytes needed (`size` when known, else more than
+    what was written before the disk filled).
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +42,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the mode any new file gets
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(dest.parent, max(size, written + 1), dest.name) from e
         raise
     _fsync_dir(dest.parent)
 
@@ -60,7 +67,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically; returns the path."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -79,6 +86,7 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     """Save a dict of tensors as .safetensors atomically; metadata values must be strings."""
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(path, size) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 
 from . import lora as lora_lib
 from .atomic import atomic_path, atomic_write_json
+from .job_files import job_subdir
 from .config import JobSpec
 from .provenance import lora_metadata
 
@@ -51,8 +52,7 @@ def latest_checkpoint(job_dir) -> Path | None:
 
 
 def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path:
-    root = Path(job_dir) / "checkpoints"
-    root.mkdir(exist_ok=True)
+    root = job_subdir(job_dir, "checkpoints")
     name = f"iter_{trainer.state.iteration:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

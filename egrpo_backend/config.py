@@ -287,6 +287,19 @@ class OutputSpec:
             _choice("output.formats[]", f, FORMATS)
 
 
+def _read_prompt_file(path: Path, key: str):
+    """A .json file holds a list of prompts (a job folder's prompts-<sha256>.json); any other file has one
+    prompt per line ('#' starts a comment line)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{key}.file {path} is not valid JSON ({e}); a .json prompt file holds a list of strings") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    return [p for p in lines if p and not p.startswith("#")]
+
+
 @dataclass
 class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -339,8 +352,7 @@ class JobSpec:
                 path = Path(self.base_dir) / path
             if not path.is_file():
                 raise SpecError(f"{key}.file: prompt file not found: {path} (give a .txt file with one prompt per line)")
-            value = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            value = [p for p in value if p and not p.startswith("#")]
+            value = _read_prompt_file(path, key)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):

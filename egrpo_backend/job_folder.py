@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 from . import job_process
-from .atomic import atomic_write_json
-from .config import JobSpec
+from .atomic import atomic_write_bytes, atomic_write_json
+from .config import JobSpec, SpecError
+from .job_files import append_line, open_job_file, refuse_link
+from .provenance import prompt_digest
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
 
@@ -27,13 +30,49 @@ def read_json(path: Path, default=None):
         return default
 
 
+def _status_problem(status) -> str | None:
+    """What is wrong with a status.json's content, or None when it is usable."""
+    if not isinstance(status, dict):
+        return f"status.json holds a {type(status).__name__}, not an object"
+    if status.get("status") not in STATUSES:
+        return f"status.json has status {status.get('status')!r}, not one of {', '.join(STATUSES)}"
+    for key in ("iteration", "total"):
+        value = status.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"status.json has {key} {value!r}, not a whole number"
+    return None
+
+
 def read_status(job_dir) -> dict:
-    return read_json(Path(job_dir) / "status.json", {"status": "created"})
+    """status.json as saved; a damaged one reads as {"status": "damaged", "message": why} (never raises
+    for its content, so one damaged folder cannot break a job list)."""
+    try:
+        status = read_json(Path(job_dir) / "status.json", {"status": "created"})
+    except (ValueError, OSError) as e:
+        return {"status": "damaged", "message": f"status.json cannot be read ({e}); delete the job or fix the file"}
+    problem = _status_problem(status)
+    if problem:
+        return {"status": "damaged", "message": f"{problem}; delete the job or fix the file"}
+    return status
+
+
+def current_status(job_dir) -> dict:
+    """read_status, corrected by the job's lock (job_process.py): a job saved as running that no process
+    runs any more (killed, crashed, a full disk that stopped even its last status write) failed."""
+    status = read_status(job_dir)
+    if status.get("status") == "running" and not job_process.job_running(job_dir):
+        status = {**status, "status": "failed", "pid": None, "message": PROCESS_ENDED}
+    return status
+
+
+PROCESS_ENDED = ("process ended: the job's process is gone without writing an end (killed, crashed, a full disk, "
+                 "or ComfyUI or the machine stopped); resume it from its last checkpoint")
 
 
 def write_status(job_dir, **fields) -> dict:
-    status = {**read_status(job_dir), **fields, "updated": time.time()}
-    atomic_write_json(Path(job_dir) / "status.json", status)
+    saved = read_status(job_dir)
+    status = {**({} if saved.get("status") == "damaged" else saved), **fields, "updated": time.time()}
+    atomic_write_json(refuse_link(Path(job_dir) / "status.json"), status)  # replaced, never written through a link
     return status
 
 
@@ -56,24 +95,47 @@ def read_events(job_dir, offset: int = 0) -> tuple[list[dict], int]:
 
 
 class EventLog:
+    """events.jsonl: each event one whole line or nothing (job_files.append_line); the first append
+    cuts a half line a crash left, so the next event is not glued onto it and lost."""
+
     def __init__(self, job_dir):
         self.path = Path(job_dir) / "events.jsonl"
+        self._repaired = False
 
     def emit(self, type: str, **data) -> dict:
         event = {"type": type, "time": time.time(), **data}
-        line = json.dumps(event, default=float) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path, (json.dumps(event, default=float) + "\n").encode("utf-8"), repair=not self._repaired)
+        self._repaired = True
         return event
+
+
+PROMPTS_FILE = re.compile(r"^prompts-[0-9a-f]{64}\.json$")  # a prompt list stored once in the job folder
 
 
 def load_spec(job_dir) -> JobSpec:
     path = Path(job_dir) / "job.json"
     if not path.is_file():
         raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json); create one with `train spec.json --out DIR`")
-    return JobSpec.from_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+    for key in ("prompts", "eval_prompts"):  # the job's own prompt files live beside job.json, wherever it moved
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, dict) and PROMPTS_FILE.match(str(value.get("file", ""))):
+            data[key] = {**value, "file": str(Path(job_dir).resolve() / value["file"])}
+    return JobSpec.from_dict(data, base_dir=str(path.resolve().parent))
+
+
+def _store_prompts(job_dir: Path, prompts: list[str]):
+    """The prompt list as prompts-<sha256>.json in the job folder (the hash the LoRA header names,
+    provenance.prompt_digest); job.json refers to it, so a huge list is stored once and bloats nothing."""
+    if not prompts:
+        return []
+    name = f"prompts-{prompt_digest(prompts)['sha256']}.json"
+    if not (job_dir / name).is_file():
+        atomic_write_bytes(refuse_link(job_dir / name), json.dumps(prompts).encode("utf-8"))
+    return {"file": name}
 
 
 def create_job(spec: JobSpec | dict, job_dir) -> Path:
@@ -91,11 +153,9 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
     except OSError as e:
         raise PermissionError(f"cannot write the job directory {job_dir}: {e.strerror}; choose a writable --out") from None
     data = spec.to_dict()
-    # Relative files in the spec were resolved against its folder: keep them findable from the job.
-    if isinstance(spec.prompts, dict):
-        data["prompts"] = spec.prompt_list()
-    if isinstance(spec.eval_prompts, dict):
-        data["eval_prompts"] = spec.prompt_list(eval=True)
+    # Prompts (a list, or a file read once here) are stored once in the job folder and referred to by hash.
+    data["prompts"] = _store_prompts(job_dir, spec.prompt_list())
+    data["eval_prompts"] = _store_prompts(job_dir, spec.prompt_list(eval=True) if spec.eval_prompts else [])
     atomic_write_json(job_dir / "job.json", data)
     write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
     return job_dir
@@ -113,7 +173,11 @@ def request_cancel(job_dir) -> bool:
     if not job_process.job_running(job_dir):
         raise RuntimeError(f"job {job_dir} is not running (no process holds {job_process.LOCK_FILE}): there is "
                            f"nothing to cancel; its status is {read_status(job_dir).get('status')!r}")
-    (job_dir / job_process.CANCEL_FILE).write_text(str(time.time()))
+    fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
+    try:
+        os.write(fd, str(time.time()).encode())
+    finally:
+        os.close(fd)
     return job_process.signal_owner(job_dir, signal.SIGTERM)
 
 

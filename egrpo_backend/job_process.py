@@ -24,6 +24,8 @@ import signal
 import time
 from pathlib import Path
 
+from .job_files import open_job_file
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -114,7 +116,7 @@ def claim(job_dir, wait: float = 3.0) -> tuple[JobLock, bool]:
     if fcntl is None:
         lock = _HELD[str(job_dir)] = JobLock(job_dir, None)
         return lock, True
-    fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_job_file(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # a link here is refused, never truncated
     deadline = time.time() + wait
     while True:
         try:

@@ -1,7 +1,8 @@
 """Training jobs as directories: run, resume, export (job_folder.py: create, status, events, cancel).
 
 A job directory holds
-  job.json          the full spec (JobSpec.to_dict())
+  job.json          the full spec (JobSpec.to_dict()), its prompt lists as {"file": "prompts-<sha256>.json"}
+  prompts-<sha256>.json  a prompt list (JSON), stored once; the sha256 is the one LoRA headers name
   status.json       {"status", "iteration", "total", "pid", "updated", "message", "lora"}
   events.jsonl      one JSON object per line (see EVENT TYPES below), appended and flushed
   checkpoints/      iter_NNNNNN/{lora.safetensors, state.pt} + latest.json (checkpoint.py)
@@ -43,8 +44,9 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
 from .guard import HackingGuard
-from .job_folder import (STATUSES, EventLog, create_job, load_spec, read_events, read_json, read_status, request_cancel,
-                         write_status)
+from .job_files import job_subdir
+from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
+                         read_json, read_status, request_cancel, write_status)
 from .paths import check_name
 from .policies import source_defaults
 from .provenance import lora_metadata
@@ -72,7 +74,7 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     metrics = {k: v for k, v in (history[-1] if history else {}).items() if isinstance(v, (int, float))}
     if record["runner"].get("eval_history"):
         metrics["eval"] = record["runner"]["eval_history"]
-    target = Path(out) if out else job_dir / "lora" / _lora_file_name(spec, fmt)
+    target = Path(out) if out else job_subdir(job_dir, "lora") / _lora_file_name(spec, fmt)
     path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
@@ -101,13 +103,22 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
             torch.set_num_threads(spec.train.threads)
         return _run(job_dir, spec, events, cancel, until, progress)
     except BaseException as e:
-        msg = f"{type(e).__name__}: {e}"
-        events.emit("error", message=msg, traceback=traceback.format_exc())
-        write_status(job_dir, status="failed", message=msg, pid=None)
+        _record_failure(job_dir, events, e)
         raise
     finally:
         cancel.restore()
         torch.set_num_threads(threads)
+
+
+def _record_failure(job_dir: Path, events: EventLog, error: BaseException) -> None:
+    """The error event and the failed status, as far as the disk allows: when it is full, these writes
+    fail too, and the status still reads failed ("process ended", job_folder.current_status)."""
+    msg = f"{type(error).__name__}: {error}"
+    try:
+        events.emit("error", message=msg, traceback=traceback.format_exc())
+        write_status(job_dir, status="failed", message=msg, pid=None)
+    except OSError as e:
+        log.warning("could not record the failure of %s: %s", job_dir, e)
 
 
 def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, until, progress) -> dict:
@@ -183,5 +194,5 @@ def resume_job(job_dir, until: int | None = None, progress: bool = True) -> dict
     return run_job(job_dir, until=until, progress=progress)
 
 
-__all__ = ["STATUSES", "EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec",
+__all__ = ["PROCESS_ENDED", "STATUSES", "current_status", "EventLog", "SpecError", "create_job", "export_job", "latest_checkpoint", "load_spec",
            "read_events", "read_json", "read_status", "request_cancel", "resume_job", "run_job", "write_status"]

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_json
+from .job_files import job_subdir
 
 
 def write_sample_grid(job_dir: Path, iteration: int, images: torch.Tensor, group_size: int) -> str:
     """samples/iter_NNNNNN.png, one row per group (G consecutive images); returns the path within the job."""
     from .plots import image_grid
 
-    path = Path(job_dir) / "samples" / f"iter_{iteration:06d}.png"
-    path.parent.mkdir(exist_ok=True)
+    path = job_subdir(job_dir, "samples") / f"iter_{iteration:06d}.png"
     image_grid([images[i : i + group_size] for i in range(0, len(images), group_size)], path)
     return str(path.relative_to(job_dir))
 

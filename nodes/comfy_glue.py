@@ -48,6 +48,15 @@ def loras_dir() -> Path:
     return (jobs_root().parent / "loras" / LORA_SUBDIR).resolve()
 
 
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (folder_paths.get_input_directory()): the only folder a graph's prompt
+    files are read from; $EGRPO_INPUT_DIR replaces it; None outside ComfyUI."""
+    if os.environ.get("EGRPO_INPUT_DIR"):
+        return Path(os.environ["EGRPO_INPUT_DIR"]).resolve()
+    fp = _folder_paths()
+    return Path(fp.get_input_directory()).resolve() if fp else None
+
+
 REWARD_FOLDER = "egrpo_rewards"  # models/egrpo_rewards: reward model weights (see docs/rewards.md)
 
 

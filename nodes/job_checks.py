@@ -54,6 +54,51 @@ def refuse_node_keys(extra: dict, source: str, plan: bool, prefix: str = "") -> 
             refuse_node_keys(v, source, plan, key + ".")
 
 
+# Keys a graph may never set: where files are written is the server's choice, not a workflow's.
+GRAPH_REFUSED = {"output.copy_to": "the finished LoRA is copied into ComfyUI's loras folder (models/loras/egrpo) "
+                                   "by the server; remove output.copy_to from spec_overrides"}
+PROMPT_FILE_KEYS = ("prompts", "eval_prompts")
+
+
+def refuse_graph_keys(extra: dict) -> None:
+    """Refuse override keys that would let a graph choose where the server writes (docs/comfyui.md)."""
+    for key, why in GRAPH_REFUSED.items():
+        node = extra
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise ValueError(f"spec_overrides sets {key}, which a graph may not set: {why}")
+
+
+def resolve_prompt_files(extra: dict, input_dir) -> dict:
+    """{"file": NAME} prompt lists in the overrides, resolved inside ComfyUI's input folder only.
+
+    An absolute path or one that leaves the input folder ('..', a link out) is refused: a graph must
+    not make the server read (and keep a copy of) any file it can reach."""
+    from pathlib import Path
+
+    out = dict(extra)
+    for key in PROMPT_FILE_KEYS:
+        value = out.get(key)
+        if not (isinstance(value, dict) and "file" in value):
+            continue
+        name = value["file"]
+        fix = f"put the .txt file in ComfyUI's input folder and give its name relative to it, e.g. {{\"file\": \"prompts.txt\"}}"
+        if input_dir is None:
+            raise ValueError(f"spec_overrides {key}.file: no ComfyUI input folder is known here; give {key} as a list")
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"spec_overrides {key}.file {name!r} is refused: absolute paths and '..' are not "
+                             f"allowed; {fix}")
+        root = Path(input_dir).resolve()
+        path = (root / name).resolve()
+        if root not in path.parents:
+            raise ValueError(f"spec_overrides {key}.file {name!r} resolves outside ComfyUI's input folder {root}; {fix}")
+        out[key] = {**value, "file": str(path)}
+    return out
+
+
 def check_prompts(job) -> None:
     """The embedded digits model (and the digit_probability reward) understand prompts that name exactly
     one digit; the same check the job would run, on every training and held-out prompt."""

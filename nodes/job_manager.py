@@ -142,6 +142,7 @@ class JobManager:
                 return job_id
             if self.loras_dir and not spec.get("output", {}).get("copy_to") and _lists_in_comfyui(spec):
                 spec = {**spec, "output": {**spec.get("output", {}), "copy_to": str(self.loras_dir)}}
+            _check_copy_to(spec.get("output", {}).get("copy_to"), self.loras_dir)
             position = self._queue.append(job_id, "run")  # saved first: a restart then finds it or no job at all
             try:
                 backend_jobs.create_job(spec, path)
@@ -235,17 +236,31 @@ class JobManager:
 
     # --- reading ---------------------------------------------------------------------------------
     def list(self) -> list[dict]:
+        """Every job, newest first; a damaged folder (or a link in the jobs folder) shows as "damaged"."""
         out = []
-        for path in sorted(self.root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
-            if (path / "job.json").is_file():
+        for path in sorted(self.root.iterdir(), key=_mtime, reverse=True):
+            try:
+                check_name(path.name)
+            except ValueError:
+                continue
+            if path.is_symlink():
+                out.append(_damaged(path.name, "a symbolic link in the jobs folder, not a job folder (links are not "
+                                               "followed); remove it"))
+            elif (path / "job.json").is_file():
                 try:
                     out.append(self.get(path.name))
-                except (ValueError, OSError):
+                except FileNotFoundError:  # deleted meanwhile
                     continue
         return out
 
     def get(self, job_id: str) -> dict:
         path = self._existing(job_id)
+        try:
+            return self._summary(job_id, path)
+        except (ValueError, TypeError, AttributeError, KeyError, OSError) as e:
+            return _damaged(job_id, f"{type(e).__name__}: {e}; delete the job or fix its files")
+
+    def _summary(self, job_id: str, path: Path) -> dict:
         status = backend_jobs.read_status(path)
         spec = backend_jobs.read_json(path / "job.json", {})
         state = self._state(job_id)
@@ -255,8 +270,7 @@ class JobManager:
         elif state == "running" or job_process.job_running(path):  # ours, or another process's (the CLI)
             shown = "running"
         elif saved == "running":  # nobody runs it: the folder's word is stale (scan() corrects the file)
-            shown, message = "stopped", ("its process is gone without writing an end (the machine or ComfyUI "
-                                         "stopped while it ran); resume it from its last checkpoint")
+            shown, message = "failed", backend_jobs.PROCESS_ENDED
         else:
             shown = saved
         last = self._last.get(job_id) or self._last_metrics(path)
@@ -305,7 +319,7 @@ class JobManager:
     # --- start-up: what a previous ComfyUI left ---------------------------------------------------
     def scan(self) -> list[str]:
         """At start-up: adopt the job a previous ComfyUI's child still runs (its lock is held), mark jobs
-        whose process is gone stopped, and restart the saved queue in order.
+        whose process is gone failed ("process ended", resumable), and restart the saved queue in order.
 
         Returns the ids that can be resumed by hand (stopped or never queued)."""
         resumable = []
@@ -323,12 +337,14 @@ class JobManager:
                         events = path / "events.jsonl"
                         self._running.offset = events.stat().st_size if events.exists() else 0
                     continue  # else another process (the CLI) runs it: get() shows it running
-                if backend_jobs.read_status(path).get("status") == "running":
-                    backend_jobs.write_status(path, status="stopped", pid=None, message=(
-                        "its process is gone: ComfyUI (or the machine) stopped while this job ran; resume it "
-                        "from its last checkpoint"))
-                    (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
-                if backend_jobs.read_status(path).get("status") in ("stopped", "created"):
+                ended = backend_jobs.read_status(path).get("status") == "running"
+                if ended:
+                    try:
+                        backend_jobs.write_status(path, status="failed", pid=None, message=backend_jobs.PROCESS_ENDED)
+                        (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+                    except (ValueError, OSError) as e:  # a linked status.json, a full disk: get() still reads failed
+                        log.warning("E-GRPO: cannot mark job %s failed: %s", path.name, e)
+                if ended or backend_jobs.read_status(path).get("status") in ("stopped", "created"):
                     resumable.append(path.name)
             line = []
             for job_id, command in self._queue.load():
@@ -507,6 +523,31 @@ class JobManager:
         self._running = _Running(job_id, path, proc, log_file)
         self._running.offset = offset
         self._emit(job_id, {"type": "process", "pid": proc.pid, "command": command})
+
+
+def _mtime(path: Path) -> float:
+    """For sorting: a dangling link or a folder deleted meanwhile sorts last instead of raising."""
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _damaged(job_id: str, reason: str) -> dict:
+    """The summary of a job whose folder cannot be read: shown, never hiding the other jobs."""
+    return {"id": job_id, "name": job_id, "status": "damaged", "message": reason, "iteration": 0, "total": 0,
+            "progress": 0.0, "eta_seconds": None, "reward_mean": None, "lora": None, "lora_name": None, "model": None,
+            "created": None, "updated": None, "resumable": False, "files": [], "samples": []}
+
+
+def _check_copy_to(copy_to, loras_dir: Path | None) -> None:
+    """A LoRA copy goes only into the loras folder the server registered (comfy_glue.loras_dir)."""
+    if not copy_to:
+        return
+    dest = Path(copy_to).resolve()
+    if loras_dir is None or (dest != loras_dir and loras_dir not in dest.parents):
+        raise ValueError(f"output.copy_to {copy_to!r} is refused: LoRAs are copied only into ComfyUI's loras "
+                         f"folder ({loras_dir or 'none registered'}); remove output.copy_to")
 
 
 def _lists_in_comfyui(spec: dict) -> bool:

@@ -7,8 +7,9 @@
   POST   /egrpo/jobs/{job}/cancel            ?force=1 kills at once
   POST   /egrpo/jobs/{job}/resume
   DELETE /egrpo/jobs/{job}
-  GET    /egrpo/jobs/{job}/files/{path}      plan.png, reward_curve.png, metrics.json, samples/NAME.png
-Every id and file name is checked (letters, digits, . _ - only, no '..'); a bad one is HTTP 400, an
+  GET    /egrpo/jobs/{job}/files/{path}      only the files in SERVED below (plots, sample grids, LoRAs)
+The files route serves an allow-list: never job.json, status, events, logs or prompt files (they may
+hold copies of user-provided files; the panel reads summaries through the other routes). Every id and file name is checked (letters, digits, . _ - only, no '..'); a bad one is HTTP 400, an
 unknown job 404, a request the job's state refuses 409. Nothing outside the jobs folder is reachable.
 """
 
@@ -19,7 +20,19 @@ from aiohttp import web
 from .job_manager import JobError, JobManager
 
 PREFIX = "/egrpo"
-SERVED = {".png": "image/png", ".json": "application/json", ".log": "text/plain"}
+SERVED = {  # (folder inside the job, file name suffix) -> content type; anything else is a 404
+    ("", "plan.png"): "image/png", ("", "reward_curve.png"): "image/png", ("", "metrics.json"): "application/json",
+    ("samples", ".png"): "image/png", ("lora", ".safetensors"): "application/octet-stream",
+}
+
+
+def served_type(rel: str) -> str:
+    """The content type of a job file the routes serve; FileNotFoundError (404) for any other file."""
+    folder, _, name = rel.rpartition("/")
+    for (where, suffix), kind in SERVED.items():
+        if folder == where and name.endswith(suffix) and (where or name == suffix):
+            return kind
+    raise FileNotFoundError(f"{rel!r} is not a file the routes serve (plots, samples/*.png, lora/*.safetensors)")
 
 
 def _guard(fn):
@@ -86,11 +99,9 @@ def add_routes(routes: web.RouteTableDef, manager_fn) -> None:
     @_guard
     async def job_file(request):
         rel = request.match_info["path"]
-        suffix = "." + rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
-        if suffix not in SERVED:
-            raise ValueError(f"file type {suffix or rel!r} is not served; allowed: {', '.join(SERVED)}")
-        path = m().file(request.match_info["job"], rel)
-        return web.FileResponse(path, headers={"Content-Type": SERVED[suffix], "Cache-Control": "no-cache"})
+        path = m().file(request.match_info["job"], rel)  # 400 for a bad name first, as before
+        kind = served_type(rel)
+        return web.FileResponse(path, headers={"Content-Type": kind, "Cache-Control": "no-cache"})
 
 
 def make_app(manager: JobManager) -> web.Application:

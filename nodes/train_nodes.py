@@ -37,7 +37,8 @@ def job_id_for(name: str, spec: dict, identity: dict) -> str:
 
 
 def build_spec(*, source, name, reward, prompts, preset, iterations, group_size, prompts_per_iteration, steps, shift,
-               eta, tau, active, lr, clip_range, lora_rank, seed, device="auto", plan=None, overrides="") -> dict:
+               eta, tau, active, lr, clip_range, lora_rank, seed, device="auto", plan=None, overrides="",
+               input_dir=None) -> dict:
     """The job spec dict from the node's inputs (validated by the caller with JobSpec.from_dict).
 
     spec_overrides is merged in after job_checks.refuse_node_keys: a key an input sets, or one the
@@ -59,6 +60,8 @@ def build_spec(*, source, name, reward, prompts, preset, iterations, group_size,
     }
     extra = job_checks.parse_overrides(overrides)
     job_checks.refuse_node_keys(extra, source, plan is not None)
+    job_checks.refuse_graph_keys(extra)
+    extra = job_checks.resolve_prompt_files(extra, comfy_glue.input_dir() if input_dir is None else input_dir)
     return _merge(spec, extra)
 
 

@@ -179,12 +179,12 @@ def test_a_live_unrelated_process_with_the_saved_pid_is_never_signalled(manager,
         job = create_job(spec(3), manager.root / "reused")
         write_status(job, status="running", pid=proc.pid, iteration=1)
         (job / job_process.LOCK_FILE).write_text(json.dumps({"pid": proc.pid, "start_ticks": 1, "boot_id": "x"}))
-        assert manager.get("reused")["status"] == "stopped"  # shown honestly even before the scan
+        assert manager.get("reused")["status"] == "failed"  # shown honestly even before the scan
         assert manager.scan() == ["reused"]  # resumable, not adopted
         assert manager._running is None
         info = manager.get("reused")
-        assert info["status"] == "stopped" and info["resumable"] and "gone" in info["message"]
-        assert read_status(job)["status"] == "stopped"
+        assert info["status"] == "failed" and info["resumable"] and info["message"].startswith("process ended")
+        assert read_status(job)["status"] == "failed"
         for force in (False, True):
             with pytest.raises(JobError, match="not running"):
                 manager.cancel("reused", force=force)

@@ -89,6 +89,13 @@ function drawCurve(canvas, metrics) {
   });
 }
 
+// "failed" with a message starting "process ended" = its process is gone (killed, crashed, full disk):
+// shown as "failed: process ended"; "damaged" = the folder cannot be read (the message says why).
+function statusText(job) {
+  if (job.status === "failed" && (job.message || "").startsWith("process ended")) return "failed: process ended";
+  return job.status;
+}
+
 function jobRow(job) {
   const pct = Math.round((job.progress || 0) * 100);
   const active = job.status === "running" || job.status === "queued";
@@ -108,13 +115,13 @@ function jobRow(job) {
     onclick: () => { state.selected = job.id; refresh(); },
   },
   el("div", { style: { display: "flex", justifyContent: "space-between" } },
-    el("b", {}, job.name), el("span", { class: "egrpo-status" }, job.status)),
+    el("b", {}, job.name), el("span", { class: "egrpo-status" }, statusText(job))),
   el("div", { style: { height: "6px", background: "#333", borderRadius: "3px", margin: "4px 0" } },
     el("div", { class: "egrpo-progress", style: { width: `${pct}%`, height: "100%", background: "#4e9af1", borderRadius: "3px" } })),
   el("div", { style: { fontSize: "11px", opacity: 0.8 } },
     `${job.iteration}/${job.total} it` + (job.reward_mean != null ? ` · reward ${job.reward_mean.toFixed(3)}` : "") +
     (job.eta_seconds != null ? ` · ${fmtEta(job.eta_seconds)}` : "")),
-  job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: job.status === "failed" ? "#f66" : "#aaa" } }, job.message) : null,
+  job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: job.status === "failed" || job.status === "damaged" ? "#f66" : "#aaa" } }, job.message) : null,
   // The embedded digits model's LoRA is not offered to LoraLoader (no ComfyUI model can load it).
   job.lora && !job.lora_name ? el("div", { class: "egrpo-lora-path", style: { fontSize: "11px", opacity: 0.7 } },
     `LoRA for the embedded digits model (kept in the job folder): ${job.lora}`) : null,
