@@ -224,3 +224,21 @@ def test_pending_fields_are_new_and_pending_presets_use_allowed_values():
                 assert isinstance(value, kind) and (allowed is None or value in allowed), (preset, key, value)
     for name, (kind, default, allowed, comment) in PENDING_FIELDS.items():
         assert isinstance(default, kind) and comment and (allowed is None or default in allowed), name
+
+
+def test_wired_reference_fields_per_preset_and_their_validation():
+    assert (algo("dance").train_last_step, algo("dance").train_subset) == (False, "per_sample")
+    assert (algo("flowgrpo").train_last_step, algo("flowgrpo").kl_form) == (False, "flow_grpo")
+    assert algo("flowgrpo_fast").kl_form == "flow_grpo" and algo("egrpo").kl_form == "gaussian"
+    assert algo("egrpo").train_last_step and algo("egrpo").train_subset == "per_group"
+    for bad in ({"kl_form": "x"}, {"train_subset": "x"}, {"train_last_step": 1}, {"slide_rollback": "no"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            JobSpec.from_dict({"algorithm": {"preset": "egrpo", **bad}})
+
+
+def test_mixgrpo_branch_stays_at_the_last_step_without_roll_back():
+    a, b = algo("mixgrpo"), algo("mixgrpo", slide_rollback=False)
+    plan = a.plan()
+    start = lambda spec, it: branch_starts(spec, plan, it, torch.Generator())[0]  # noqa: E731
+    assert [start(a, it) for it in (0, 24, 25, 349, 350)] == [0, 0, 1, 13, 0]
+    assert [start(b, it) for it in (0, 24, 25, 349, 350, 10_000)] == [0, 0, 1, 13, 13, 13]
