@@ -9,12 +9,14 @@ reference does (file:line), what the preset does, and every difference that is k
 The trainer reads `train_mask` (train_last_step, train_subset, train_fraction) and `branch_starts`
 (slide_rollback); behaviour whose AlgorithmSpec fields do not exist yet (MixGRPO's
 window_within_active, the DiffusionNFT loss) is in PENDING_PRESETS / PENDING_FIELDS until the
-trainer reads them, and `coarse_grid_authors` waits for the rollout to use it.
+trainer reads them. The granularity grids are in rollout.py (GRANULARITY_GRIDS).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .rollout import coarse_grid_authors  # noqa: F401 (re-exported: the preset docs name it here)
 
 PRESETS: dict[str, dict] = {
     # The paper: one group per active step, consolidated SDE step, ODE elsewhere; the authors'
@@ -128,22 +130,6 @@ def sliding_window(iteration: int, active: list[int], window: int, slide_every: 
     if within_active:
         steps = [s for s in steps if s <= active[-1]]
     return steps
-
-
-def coarse_grid_authors(sigmas: list[float], granularity: int) -> list[float]:
-    """The E-GRPO authors' granularity grid from the branch's end: one fine step, then every g-th.
-
-    `sigmas` runs from the sigma the SDE step reached to 0. The authors concatenate the fine prefix
-    with every g-th sigma after the first fine step and return the x0-prediction of the last model
-    call, so when the stride does not land on 0 the last kept sigma is replaced by 0 (the final
-    step jumps to 0 from the sigma before it). docs/baselines.md (E-GRPO, granularities) works an
-    example; g = 1 gives the fine grid unchanged. VisualGRPO fastvideo/workers/sampler/
-    flux_sampler.py:551-554 (grid), :386-410 (ODE loop and its x0-prediction).
-    """
-    out = [sigmas[0], *sigmas[1::granularity]]
-    if out[-1] != sigmas[-1]:
-        out[-1] = sigmas[-1]
-    return out
 
 
 def trained_count(candidates: int, fraction: float) -> int:

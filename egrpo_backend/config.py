@@ -119,6 +119,7 @@ class AlgorithmSpec:
     active: Any = "0-7"  # trained steps: "0-7", "0,2,4", "all", "first_half", or a list
     group_size: int = 8  # G, members per group (same prompt, same branch step)
     granularities: list = field(default_factory=lambda: [1])  # ODE finish grids: keep every g-th remaining sigma
+    granularity_grid: str = "authors"  # authors: one fine step, then every g-th (VisualGRPO) | strided: every g-th from the SDE end
     branch: str = "active"  # where groups branch each iteration: active | sample_active | random | sliding | first
     branches_per_prompt: int = 1  # groups per prompt for sample_active / random
     branch_weighting: str = "uniform"  # sample_active: uniform or entropy (by merged entropy score)
@@ -156,6 +157,7 @@ class AlgorithmSpec:
     def validate(self) -> None:
         from .advantage import ADVANTAGE_MODES, REWARD_MODES
         from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS
+        from .rollout import GRANULARITY_GRIDS
         from .schedule import DIFFUSION_KINDS
         from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
@@ -174,6 +176,7 @@ class AlgorithmSpec:
         if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
             raise SpecError(f"algorithm.sigmas must be a list of numbers, got {self.sigmas!r}")
         _choice("algorithm.branch", self.branch, BRANCH_KINDS)
+        _choice("algorithm.granularity_grid", self.granularity_grid, GRANULARITY_GRIDS)
         _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
         _range("algorithm.slide_every", self.slide_every, 1)

@@ -11,7 +11,7 @@ from egrpo_backend.algorithms import (PENDING_FIELDS, PENDING_PRESETS, PRESETS, 
                                       sliding_window, train_mask, trained_count)
 from egrpo_backend.config import AlgorithmSpec, JobSpec
 from egrpo_backend.guidance import GuidedVelocity
-from egrpo_backend.rollout import coarse_grid, rollout
+from egrpo_backend.rollout import coarse_grid, expected_nfe, finish_grid, rollout
 from egrpo_backend.schedule import shifted_sigmas
 from egrpo_backend.sde import flow_grpo_kl, gaussian_kl
 from test_rollout import CountingPolicy, generators, rewards_of
@@ -242,3 +242,25 @@ def test_mixgrpo_branch_stays_at_the_last_step_without_roll_back():
     start = lambda spec, it: branch_starts(spec, plan, it, torch.Generator())[0]  # noqa: E731
     assert [start(a, it) for it in (0, 24, 25, 349, 350)] == [0, 0, 1, 13, 0]
     assert [start(b, it) for it in (0, 24, 25, 349, 350, 10_000)] == [0, 0, 1, 13, 13, 13]
+
+
+def test_rollout_finishes_on_the_authors_grid_by_default_and_strided_on_request():
+    """E-GRPO's merged branch 2 -> 4 at g = 2: authors 4, 5, 7, .., 13, 0; strided 4, 6, .., 14, 0."""
+    a = algo("egrpo", granularities=[1, 2])
+    assert a.granularity_grid == "authors"
+    plan = a.plan()
+    sig = list(plan.sigmas)
+    assert [sig.index(s) for s in finish_grid(sig[4:], 2)] == [4, 5, 7, 9, 11, 13, 16]
+    assert [sig.index(s) for s in finish_grid(sig[4:], 2, "strided")] == [4, 6, 8, 10, 12, 14, 16]
+
+    def finals(kind):
+        policy = CountingPolicy()
+        velocity = GuidedVelocity(policy, policy.encode(["p0"]))
+        ro = rollout(velocity, plan, [2], generators(0, 1), group_size=2, granularities=[1, 2], granularity_grid=kind)
+        assert ro.nfe == expected_nfe(plan, [2], 2, [1, 2], granularity_grid=kind)
+        return ro.final
+
+    ours, authors = finals("strided"), finals("authors")
+    assert torch.equal(ours[:, 0], authors[:, 0]) and not torch.equal(ours[:, 1], authors[:, 1])
+    with pytest.raises(ValueError, match="granularity_grid"):
+        algo("egrpo", granularity_grid="fine")
