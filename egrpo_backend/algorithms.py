@@ -7,8 +7,8 @@ baseline mirrors its reference code by default; docs/baselines.md gives, per pre
 reference does (file:line), what the preset does, and every difference that is kept.
 
 The trainer reads `train_mask` (train_last_step, train_subset, train_fraction) and `branch_starts`
-(slide_rollback); behaviour whose AlgorithmSpec fields do not exist yet (MixGRPO's
-window_within_active, the DiffusionNFT loss) is in PENDING_PRESETS / PENDING_FIELDS until the
+(slide_rollback), and the rollout cuts windows at the last active step (window_within_active);
+behaviour whose AlgorithmSpec fields do not exist yet (the DiffusionNFT loss) is in PENDING_PRESETS / PENDING_FIELDS until the
 trainer reads them. The granularity grids are in rollout.py (GRANULARITY_GRIDS).
 """
 
@@ -50,15 +50,13 @@ PRESETS: dict[str, dict] = {
     # over the steps 0..T-3 (0-13 at T = 16) and then starts again; advantages per reward.
     "mixgrpo": {
         "tau": 0.0, "active": "0-13", "branch": "sliding", "sde_window": 4, "slide_every": 25,
-        "reward_mode": "per_reward", "slide_rollback": True,
+        "reward_mode": "per_reward", "slide_rollback": True, "window_within_active": True,
     },
 }
 
 # Fields the references need that AlgorithmSpec does not have yet:
 # name -> (type, default, allowed values or None, comment). The defaults keep today's behaviour.
 PENDING_FIELDS: dict[str, tuple] = {
-    "window_within_active": (bool, False, None,
-                             "cut each member's SDE window at the last active step (MixGRPO)"),
     "loss": (str, "grpo", ("grpo", "nft"),
              "grpo: SDE groups + clipped ratio; nft: ODE rollouts + DiffusionNFT loss on noised clean samples"),
     "nft_beta": (float, 1.0, None, "DiffusionNFT beta (> 0): v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v"),
@@ -70,7 +68,6 @@ PENDING_FIELDS: dict[str, tuple] = {
 # The values presets give PENDING_FIELDS (and the DiffusionNFT presets, which cannot exist before
 # `loss` does: without it they would silently run as GRPO).
 PENDING_PRESETS: dict[str, dict] = {
-    "mixgrpo": {"window_within_active": True},
     # DiffusionNFT, single reward (HPS / PickScore / GenEval configs): beta 1, EMA schedule 1.
     "nft": {
         "loss": "nft", "nft_beta": 1.0, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,

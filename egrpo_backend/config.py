@@ -129,6 +129,7 @@ class AlgorithmSpec:
     train_last_step: bool = True  # train transitions that end at sigma = 0; False: DanceGRPO, Flow-GRPO
     train_subset: str = "per_group"  # train_fraction < 1: one subset per group, or per member (per_sample, DanceGRPO)
     kl_form: str = "gaussian"  # KL per transition: gaussian (/ g^2 |dt|) | flow_grpo (/ g^2, Flow-GRPO)
+    window_within_active: bool = False  # cut each member's SDE window at the last active step (MixGRPO)
     slide_rollback: bool = True  # sliding: after the last active step start again at the first; False: stay
     shared_initial_noise: bool = True  # one initial noise per prompt for all groups and members (E-GRPO)
     advantage: str = "group"  # group (mean/std within group) | prompt_mean_batch_std (Flow-GRPO)
@@ -184,7 +185,7 @@ class AlgorithmSpec:
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
         _choice("algorithm.train_subset", self.train_subset, TRAIN_SUBSETS)
         _choice("algorithm.kl_form", self.kl_form, KL_FORMS)
-        for key in ("train_last_step", "slide_rollback"):
+        for key in ("train_last_step", "slide_rollback", "window_within_active"):
             if not isinstance(getattr(self, key), bool):
                 raise SpecError(f"algorithm.{key} must be true or false, got {getattr(self, key)!r}")
         _choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)

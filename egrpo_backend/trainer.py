@@ -114,7 +114,8 @@ class Trainer:
         with phases("rollout"):
             ro = rollout(velocity, self.plan, starts, [stream_generator(seed, "rollout", it, s) for s in slots],
                          group_size=algo.group_size, granularities=algo.granularities, sde_window=algo.sde_window,
-                         shared_initial_noise=algo.shared_initial_noise, granularity_grid=algo.granularity_grid)
+                         shared_initial_noise=algo.shared_initial_noise, granularity_grid=algo.granularity_grid,
+                         window_last_step=self.plan.active[-1] if algo.window_within_active else None)
         # 2. Score: decode and reward in bounded chunks -> [NG, n_gran, G].
         scores = self.score(ro, prompts, phases)
         # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].

@@ -28,7 +28,8 @@ def roll(a, iteration=0, prompts=("p0", "p1"), G=4):
     policy = CountingPolicy()
     velocity = GuidedVelocity(policy, policy.encode(list(prompts)))
     ro = rollout(velocity, plan, starts, generators(iteration, len(prompts)), group_size=G,
-                 granularities=a.granularities, sde_window=a.sde_window, shared_initial_noise=a.shared_initial_noise)
+                 granularities=a.granularities, sde_window=a.sde_window, shared_initial_noise=a.shared_initial_noise,
+                 window_last_step=plan.active[-1] if a.window_within_active else None)
     return plan, starts, ro, rewards_of(policy, ro, G)
 
 
@@ -264,3 +265,15 @@ def test_rollout_finishes_on_the_authors_grid_by_default_and_strided_on_request(
     assert torch.equal(ours[:, 0], authors[:, 0]) and not torch.equal(ours[:, 1], authors[:, 1])
     with pytest.raises(ValueError, match="granularity_grid"):
         algo("egrpo", granularity_grid="fine")
+
+
+def test_mixgrpo_window_is_cut_at_the_last_active_step():
+    """Window 4 over starts 0..13 at T = 16: at iteration 275 it starts at 11 and holds 11, 12, 13."""
+    a = algo("mixgrpo")
+    assert a.window_within_active
+    _, starts, ro, _ = roll(a, iteration=275)
+    assert starts == [11] and sorted(ro.input_step.unique().tolist()) == [11, 12, 13]
+    _, _, ro, _ = roll(a, iteration=349)
+    assert ro.input_step.unique().tolist() == [13]
+    _, _, ro, _ = roll(algo("mixgrpo", window_within_active=False), iteration=275)
+    assert sorted(ro.input_step.unique().tolist()) == [11, 12, 13, 14]
