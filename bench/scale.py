@@ -147,7 +147,8 @@ def predicted_iteration_seconds(trainer, per_sample: float) -> float:
     algo = trainer.algo
     starts = branch_starts(algo, trainer.plan, 0, stream_generator(0, "branch", 0))
     rollout = expected_nfe(trainer.plan, starts, algo.group_size, algo.granularities, algo.sde_window,
-                           algo.shared_initial_noise, algo.guidance_scale)
+                           algo.shared_initial_noise, algo.guidance_scale, algo.granularity_grid,
+                           trainer.plan.active[-1] if algo.window_within_active else None)
     update = algo.group_size * len(starts) * max(1, algo.sde_window)
     return per_sample * (rollout + 4 * update) * 1.15  # + decode, reward, SDE and optimizer
 

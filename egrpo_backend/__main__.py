@@ -36,7 +36,7 @@ def cmd_plan(a) -> int:
     from .schedule import build_plan, shifted_sigmas
 
     sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else shifted_sigmas(a.steps, a.shift)
-    plan = build_plan(sigmas, a.eta, a.tau, a.active, a.diffusion)
+    plan = build_plan(sigmas, a.eta, a.tau, a.active, a.diffusion, a.reading)
     print(json.dumps(plan.to_json(), indent=2) if a.json else plan.table())
     if a.png:
         plan.save_png(a.png)
@@ -144,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, default=2.2, help="entropy threshold; 0 disables merging (default 2.2)")
     s.add_argument("--active", default="0-7", help="branch (trained) steps: '0-7', '0,2,4', 'all' (default 0-7)")
     s.add_argument("--diffusion", default="flow_grpo", choices=["flow_grpo", "constant"], help="diffusion coefficient form")
+    s.add_argument("--reading", default="ours", choices=["ours", "variance", "eq11"],
+                   help="entropy score the merges use: ours sqrt(2 pi e) g sqrt(|dt|) (training), variance "
+                        "2 pi e g^2 |dt|, eq11 sigma/(1 - sigma) |dt| (docs/algorithm.md; default ours)")
     s.add_argument("--json", action="store_true", help='print {"steps": [{index, sigma, sigma_next, std, entropy, merge, kind}]}')
     s.add_argument("--png", default="", help="also write the chart to this PNG file")
     s.set_defaults(fn=cmd_plan)

@@ -6,14 +6,17 @@ paper's E-GRPO (tau 2.2, first 8 of 16 steps, one merged SDE step per group, cli
 baseline mirrors its reference code by default; docs/baselines.md gives, per preset, what the
 reference does (file:line), what the preset does, and every difference that is kept.
 
-Behaviour that needs AlgorithmSpec fields config.py does not have yet lives in pure helpers here
-(`coarse_grid_authors`, `train_mask`, `sliding_window`), and the values each preset will give those
-fields are in PENDING_PRESETS / PENDING_FIELDS until the trainer reads them.
+The trainer reads `train_mask` (train_last_step, train_subset, train_fraction) and `branch_starts`
+(slide_rollback), and the rollout cuts windows at the last active step (window_within_active);
+behaviour whose AlgorithmSpec fields do not exist yet (the DiffusionNFT loss) is in PENDING_PRESETS / PENDING_FIELDS until the
+trainer reads them. The granularity grids are in rollout.py (GRANULARITY_GRIDS).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .rollout import coarse_grid_authors  # noqa: F401 (re-exported: the preset docs name it here)
 
 PRESETS: dict[str, dict] = {
     # The paper: one group per active step, consolidated SDE step, ODE elsewhere; the authors'
@@ -24,45 +27,36 @@ PRESETS: dict[str, dict] = {
     "egrpo_fast": {"branch": "sample_active", "branches_per_prompt": 2, "branch_weighting": "uniform"},
     # Granular-GRPO: E-GRPO with single steps (tau = 0) plus multi-granularity ODE finishes.
     "granular": {"tau": 0.0, "granularities": [1, 2]},
-    # DanceGRPO: every step SDE with constant diffusion (eta 0.3), trains a random subset of steps
-    # (int(0.6 * (T - 1)) of the steps before the last, drawn per member: PENDING_PRESETS).
+    # DanceGRPO: every step SDE with constant diffusion (eta 0.3), trains a random subset of steps:
+    # int(0.6 * (T - 1)) of the steps before the last (9 of 15 at T = 16), drawn per member.
     "dance": {
         "tau": 0.0, "diffusion": "constant", "eta": 0.3, "active": "all", "branch": "first",
-        "sde_window": 0, "train_fraction": 0.6,
+        "sde_window": 0, "train_fraction": 0.6, "train_last_step": False, "train_subset": "per_sample",
     },
     # Flow-GRPO: every step SDE, independent initial noise per member, per-prompt mean / batch std;
-    # the last step is sampled but never trained (PENDING_PRESETS).
+    # the last step is sampled but never trained; KL divided by g^2 (Flow-GRPO's std_dev_t^2).
     "flowgrpo": {
         "tau": 0.0, "active": "all", "branch": "first", "sde_window": 0,
         "shared_initial_noise": False, "advantage": "prompt_mean_batch_std",
+        "train_last_step": False, "kl_form": "flow_grpo",
     },
     # Flow-GRPO-Fast: independent initial noise, ODE except a window of 2 SDE steps that starts at
     # a uniform step of 0..T-2 (0-14 at T = 16), per-prompt mean / batch std.
     "flowgrpo_fast": {
         "tau": 0.0, "active": "0-14", "branch": "random", "sde_window": 2,
-        "shared_initial_noise": False, "advantage": "prompt_mean_batch_std",
+        "shared_initial_noise": False, "advantage": "prompt_mean_batch_std", "kl_form": "flow_grpo",
     },
     # MixGRPO: a window of 4 SDE steps, ODE outside it, that moves one step every 25 iterations
     # over the steps 0..T-3 (0-13 at T = 16) and then starts again; advantages per reward.
     "mixgrpo": {
         "tau": 0.0, "active": "0-13", "branch": "sliding", "sde_window": 4, "slide_every": 25,
-        "reward_mode": "per_reward",
+        "reward_mode": "per_reward", "slide_rollback": True, "window_within_active": True,
     },
 }
 
 # Fields the references need that AlgorithmSpec does not have yet:
 # name -> (type, default, allowed values or None, comment). The defaults keep today's behaviour.
 PENDING_FIELDS: dict[str, tuple] = {
-    "train_last_step": (bool, True, None,
-                        "train the transitions that end at sigma = 0; False: DanceGRPO, Flow-GRPO"),
-    "train_subset": (str, "per_group", ("per_group", "per_sample"),
-                     "train_fraction < 1: one subset of window positions per group, or per member (DanceGRPO)"),
-    "kl_form": (str, "gaussian", ("gaussian", "flow_grpo"),
-                "KL per transition: gaussian = sde.gaussian_kl (/ g^2 |dt|); flow_grpo = sde.flow_grpo_kl (/ g^2)"),
-    "window_within_active": (bool, False, None,
-                             "cut each member's SDE window at the last active step (MixGRPO)"),
-    "slide_rollback": (bool, True, None,
-                       "sliding: after the last active step start again at the first; False: stay at the last"),
     "loss": (str, "grpo", ("grpo", "nft"),
              "grpo: SDE groups + clipped ratio; nft: ODE rollouts + DiffusionNFT loss on noised clean samples"),
     "nft_beta": (float, 1.0, None, "DiffusionNFT beta (> 0): v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v"),
@@ -74,10 +68,6 @@ PENDING_FIELDS: dict[str, tuple] = {
 # The values presets give PENDING_FIELDS (and the DiffusionNFT presets, which cannot exist before
 # `loss` does: without it they would silently run as GRPO).
 PENDING_PRESETS: dict[str, dict] = {
-    "dance": {"train_last_step": False, "train_subset": "per_sample"},
-    "flowgrpo": {"train_last_step": False, "kl_form": "flow_grpo"},
-    "flowgrpo_fast": {"kl_form": "flow_grpo"},
-    "mixgrpo": {"window_within_active": True, "slide_rollback": True},
     # DiffusionNFT, single reward (HPS / PickScore / GenEval configs): beta 1, EMA schedule 1.
     "nft": {
         "loss": "nft", "nft_beta": 1.0, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,
@@ -95,7 +85,8 @@ PENDING_PRESETS: dict[str, dict] = {
 
 BRANCH_KINDS = ("active", "sample_active", "random", "sliding", "first")
 BRANCH_WEIGHTINGS = ("uniform", "entropy")
-TRAIN_SUBSETS = PENDING_FIELDS["train_subset"][2]
+TRAIN_SUBSETS = ("per_group", "per_sample")  # AlgorithmSpec.train_subset
+KL_FORMS = ("gaussian", "flow_grpo")  # AlgorithmSpec.kl_form: sde.gaussian_kl | sde.flow_grpo_kl
 
 
 def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]:
@@ -107,7 +98,8 @@ def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]
     if spec.branch == "first":
         return [active[0]]
     if spec.branch == "sliding":
-        return sliding_window(iteration, active, spec.sde_window, spec.slide_every)[:1]
+        return sliding_window(iteration, active, spec.sde_window, spec.slide_every,
+                              rollback=spec.slide_rollback)[:1]
     if spec.branch == "random":
         pick = torch.randperm(len(active), generator=gen)[:k]
     else:  # sample_active
@@ -135,22 +127,6 @@ def sliding_window(iteration: int, active: list[int], window: int, slide_every: 
     if within_active:
         steps = [s for s in steps if s <= active[-1]]
     return steps
-
-
-def coarse_grid_authors(sigmas: list[float], granularity: int) -> list[float]:
-    """The E-GRPO authors' granularity grid from the branch's end: one fine step, then every g-th.
-
-    `sigmas` runs from the sigma the SDE step reached to 0. The authors concatenate the fine prefix
-    with every g-th sigma after the first fine step and return the x0-prediction of the last model
-    call, so when the stride does not land on 0 the last kept sigma is replaced by 0 (the final
-    step jumps to 0 from the sigma before it). docs/baselines.md (E-GRPO, granularities) works an
-    example; g = 1 gives the fine grid unchanged. VisualGRPO fastvideo/workers/sampler/
-    flux_sampler.py:551-554 (grid), :386-410 (ODE loop and its x0-prediction).
-    """
-    out = [sigmas[0], *sigmas[1::granularity]]
-    if out[-1] != sigmas[-1]:
-        out[-1] = sigmas[-1]
-    return out
 
 
 def trained_count(candidates: int, fraction: float) -> int:

@@ -119,12 +119,18 @@ class AlgorithmSpec:
     active: Any = "0-7"  # trained steps: "0-7", "0,2,4", "all", "first_half", or a list
     group_size: int = 8  # G, members per group (same prompt, same branch step)
     granularities: list = field(default_factory=lambda: [1])  # ODE finish grids: keep every g-th remaining sigma
+    granularity_grid: str = "authors"  # authors: one fine step, then every g-th (VisualGRPO) | strided: every g-th from the SDE end
     branch: str = "active"  # where groups branch each iteration: active | sample_active | random | sliding | first
     branches_per_prompt: int = 1  # groups per prompt for sample_active / random
     branch_weighting: str = "uniform"  # sample_active: uniform or entropy (by merged entropy score)
     slide_every: int = 1  # sliding (MixGRPO): iterations before the window moves one step
     sde_window: int = 1  # consecutive (merged) SDE steps per member from the branch step; 0 = to the end
-    train_fraction: float = 1.0  # fraction of each group's SDE transitions trained (DanceGRPO < 1)
+    train_fraction: float = 1.0  # fraction of each unit's SDE window positions trained (DanceGRPO 0.6)
+    train_last_step: bool = True  # train transitions that end at sigma = 0; False: DanceGRPO, Flow-GRPO
+    train_subset: str = "per_group"  # train_fraction < 1: one subset per group, or per member (per_sample, DanceGRPO)
+    kl_form: str = "gaussian"  # KL per transition: gaussian (/ g^2 |dt|) | flow_grpo (/ g^2, Flow-GRPO)
+    window_within_active: bool = False  # cut each member's SDE window at the last active step (MixGRPO)
+    slide_rollback: bool = True  # sliding: after the last active step start again at the first; False: stay
     shared_initial_noise: bool = True  # one initial noise per prompt for all groups and members (E-GRPO)
     advantage: str = "group"  # group (mean/std within group) | prompt_mean_batch_std (Flow-GRPO)
     advantage_clip: float = 5.0  # clip |A|
@@ -151,7 +157,8 @@ class AlgorithmSpec:
 
     def validate(self) -> None:
         from .advantage import ADVANTAGE_MODES, REWARD_MODES
-        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS
+        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS
+        from .rollout import GRANULARITY_GRIDS
         from .schedule import DIFFUSION_KINDS
         from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
@@ -170,11 +177,17 @@ class AlgorithmSpec:
         if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
             raise SpecError(f"algorithm.sigmas must be a list of numbers, got {self.sigmas!r}")
         _choice("algorithm.branch", self.branch, BRANCH_KINDS)
+        _choice("algorithm.granularity_grid", self.granularity_grid, GRANULARITY_GRIDS)
         _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
         _range("algorithm.slide_every", self.slide_every, 1)
         _range("algorithm.sde_window", self.sde_window, 0)
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
+        _choice("algorithm.train_subset", self.train_subset, TRAIN_SUBSETS)
+        _choice("algorithm.kl_form", self.kl_form, KL_FORMS)
+        for key in ("train_last_step", "slide_rollback", "window_within_active"):
+            if not isinstance(getattr(self, key), bool):
+                raise SpecError(f"algorithm.{key} must be true or false, got {getattr(self, key)!r}")
         _choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
         _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
         _choice("algorithm.reward_mode", self.reward_mode, REWARD_MODES)

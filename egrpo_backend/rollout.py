@@ -42,9 +42,38 @@ def coarse_grid(sigmas: list[float], granularity: int) -> list[float]:
     return out
 
 
-def window_steps(plan: EntropyPlan, start: int, sde_window: int) -> list[tuple[int, int]]:
-    """Consecutive consolidated SDE steps (k, k + l_k) from `start`; sde_window 0 = until sigma = 0."""
-    steps, k, T = [], start, plan.num_steps
+def coarse_grid_authors(sigmas: list[float], granularity: int) -> list[float]:
+    """The E-GRPO authors' granularity grid from the branch's end: one fine step, then every g-th.
+
+    `sigmas` runs from the sigma the SDE step reached to 0. The authors concatenate the fine prefix
+    with every g-th sigma after the first fine step and return the x0-prediction of the last model
+    call, so when the stride does not land on 0 the last kept sigma is replaced by 0 (the final
+    step jumps to 0 from the sigma before it). docs/baselines.md (E-GRPO, granularities) works an
+    example; g = 1 gives the fine grid unchanged. VisualGRPO fastvideo/workers/sampler/
+    flux_sampler.py:551-554 (grid), :386-410 (ODE loop and its x0-prediction).
+    """
+    out = [sigmas[0], *sigmas[1::granularity]]
+    if out[-1] != sigmas[-1]:
+        out[-1] = sigmas[-1]
+    return out
+
+
+GRANULARITY_GRIDS = {"authors": coarse_grid_authors, "strided": coarse_grid}  # AlgorithmSpec.granularity_grid
+
+
+def finish_grid(sigmas: list[float], granularity: int, kind: str = "authors") -> list[float]:
+    """The ODE finish grid from a member's SDE end (`sigmas` runs to 0) for one granularity."""
+    if kind not in GRANULARITY_GRIDS:
+        raise ValueError(f"unknown granularity grid {kind!r}; valid: {', '.join(GRANULARITY_GRIDS)}")
+    return GRANULARITY_GRIDS[kind](sigmas, granularity)
+
+
+def window_steps(plan: EntropyPlan, start: int, sde_window: int, last_step: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive consolidated SDE steps (k, k + l_k) from `start`; sde_window 0 = until sigma = 0.
+
+    `last_step` cuts the window after that step (MixGRPO cuts at its last active step, T - 3).
+    """
+    steps, k, T = [], start, plan.num_steps if last_step is None else min(plan.num_steps, last_step + 1)
     while k < T and (sde_window == 0 or len(steps) < sde_window):
         l = plan.steps[k].merge if plan.steps[k].kind == "sde" else merge_width(plan.sigmas, plan.g, k, plan.tau)
         steps.append((k, k + l))
@@ -53,19 +82,20 @@ def window_steps(plan: EntropyPlan, start: int, sde_window: int) -> list[tuple[i
 
 
 def expected_nfe(plan: EntropyPlan, starts: list[int], group_size: int, granularities: list[int],
-                 sde_window: int = 1, shared_initial_noise: bool = True, guidance_scale: float = 1.0) -> int:
+                 sde_window: int = 1, shared_initial_noise: bool = True, guidance_scale: float = 1.0,
+                 granularity_grid: str = "authors", window_last_step: int | None = None) -> int:
     """Model evaluations per prompt of one rollout (see the module docstring)."""
     G, total = group_size, 0
     if shared_initial_noise:
         total += max(starts) + 1  # the anchor, up to and including v at the last branch step
     for n in starts:
-        steps = window_steps(plan, n, sde_window)
+        steps = window_steps(plan, n, sde_window, window_last_step)
         if not shared_initial_noise:
             total += G * (n + 1)  # each member's own ODE prefix plus v at the branch step
         total += G * (len(steps) - 1)  # window steps after the first see diverged inputs
         end = steps[-1][1]
         for g in granularities:
-            total += G * (len(coarse_grid(list(plan.sigmas[end:]), g)) - 1)
+            total += G * (len(finish_grid(list(plan.sigmas[end:]), g, granularity_grid)) - 1)
     return total * evaluations_per_call(guidance_scale)
 
 
@@ -165,11 +195,11 @@ def _branch_inputs(velocity, plan, generators, starts, member_prompt, member_sta
     return X, V
 
 
-def _sde_window(velocity, plan, generators, X, V, member_prompt, member_start, G, sde_window, shared_initial_noise,
+def _sde_window(velocity, plan, generators, X, V, member_prompt, member_start, G, windows, shared_initial_noise,
                 recorder: TransitionRecorder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each member's SDE steps from its branch step; returns the states after them and where they end."""
+    """Each member's SDE steps (`windows`: branch step -> window_steps) from its branch step; returns the
+    states after them and where they end."""
     sig, dev, R = list(plan.sigmas), X.device, X.shape[0]
-    windows = {n: window_steps(plan, n, sde_window) for n in set(member_start.tolist())}
     end_index = torch.zeros(R, dtype=torch.long)
     for pos in range(max(len(w) for w in windows.values())):
         rows = torch.tensor([r for r in range(R) if len(windows[member_start[r].item()]) > pos], dtype=torch.long)
@@ -204,6 +234,8 @@ def rollout(
     granularities: list[int] = (1,),
     sde_window: int = 1,
     shared_initial_noise: bool = True,
+    granularity_grid: str = "authors",
+    window_last_step: int | None = None,
 ) -> Rollout:
     """G members per (prompt, branch step). Prompt p is row p of velocity.cond and draws from generators[p]."""
     P, G = len(generators), group_size
@@ -218,11 +250,13 @@ def rollout(
     X, V = _branch_inputs(velocity, plan, generators, starts, member_prompt, member_start, G, shared_initial_noise)
     # 3. The SDE window, recorded for the update.
     recorder = TransitionRecorder()
-    X, end_index = _sde_window(velocity, plan, generators, X, V, member_prompt, member_start, G, sde_window,
+    windows = {n: window_steps(plan, n, sde_window, window_last_step) for n in starts}
+    X, end_index = _sde_window(velocity, plan, generators, X, V, member_prompt, member_start, G, windows,
                                shared_initial_noise, recorder)
     # 4. ODE finish on every granularity grid.
     sig = list(plan.sigmas)
-    finals = [_integrate(velocity, X, [coarse_grid(sig[e:], g) for e in end_index.tolist()], member_prompt).cpu()
+    finals = [_integrate(velocity, X, [finish_grid(sig[e:], g, granularity_grid) for e in end_index.tolist()],
+                         member_prompt).cpu()
               for g in granularities]
     return Rollout(**recorder.stack(), group_prompt=group_prompt, group_start=group_start, member_prompt=member_prompt,
                    final=torch.stack(finals, 1), nfe=velocity.nfe - nfe_before)

@@ -72,7 +72,31 @@ def entropy_score(g: float, sigma: float, sigma_next: float) -> float:
     return SQRT_2PI_E * g * math.sqrt(sigma - sigma_next)
 
 
-def merge_width(sigmas: Sequence[float], g: Sequence[float], i: int, tau: float) -> int:
+def variance_score(g: float, sigma: float, sigma_next: float) -> float:
+    """The variance reading: 2 pi e g^2 |dt| = 2 pi e a^2 sigma/(1 - sigma) |dt| (docs/algorithm.md)."""
+    return entropy_score(g, sigma, sigma_next) ** 2
+
+
+def eq11_score(eta: float):
+    """Eq. 11 read literally, with no constant: sigma/(1 - sigma) |dt| = (g / a)^2 |dt| (docs/algorithm.md).
+
+    Through g it keeps the sigma = 1 convention of `diffusion_coefficients`.
+    """
+    return lambda g, sigma, sigma_next: (g / eta) ** 2 * (sigma - sigma_next)
+
+
+def reading_score(reading: str, eta: float):
+    """The entropy score of one reading in ENTROPY_READINGS; `ours` is the one training uses."""
+    scores = {"ours": entropy_score, "variance": variance_score, "eq11": eq11_score(eta)}
+    if reading not in scores:
+        raise ValueError(f"unknown entropy reading {reading!r}; valid: {', '.join(scores)}")
+    return scores[reading]
+
+
+ENTROPY_READINGS = ("ours", "variance", "eq11")
+
+
+def merge_width(sigmas: Sequence[float], g: Sequence[float], i: int, tau: float, score=entropy_score) -> int:
     """Smallest l >= 1 (i + l <= T) whose merged score reaches tau; tau <= 0 disables merging.
 
     DECIDED: if no width reaches tau the step merges to the end (l = T - i), the most entropy available.
@@ -81,7 +105,7 @@ def merge_width(sigmas: Sequence[float], g: Sequence[float], i: int, tau: float)
     if tau <= 0:
         return 1
     for l in range(1, T - i + 1):
-        if entropy_score(g[i], sigmas[i], sigmas[i + l]) >= tau:
+        if score(g[i], sigmas[i], sigmas[i + l]) >= tau:
             return l
     return T - i
 
@@ -183,20 +207,26 @@ def build_plan(
     tau: float = 2.2,
     active: str | Sequence[int] | None = "first_half",
     diffusion: str = "flow_grpo",
+    reading: str = "ours",
 ) -> EntropyPlan:
-    """The entropy plan of a grid: per-step score, merge width of each active step, SDE/ODE kind."""
+    """The entropy plan of a grid: per-step score, merge width of each active step, SDE/ODE kind.
+
+    `reading` picks the entropy score the merges use (ENTROPY_READINGS); training always uses ours,
+    the others are for `plan --reading` (docs/algorithm.md, "Step entropy and its reading").
+    """
     s = validate_sigmas(sigmas)
     if not (tau >= 0 and math.isfinite(tau)):
         raise ValueError(f"tau must be a finite number >= 0 (0 disables merging), got {tau}")
     T = len(s) - 1
     g = diffusion_coefficients(s, eta, diffusion)
+    score = reading_score(reading, eta)
     act = set(parse_active_steps(active, T))
     steps = []
     for i in range(T):
         sde = i in act
-        l = merge_width(s, g, i, tau) if sde else 1
+        l = merge_width(s, g, i, tau, score) if sde else 1
         std = g[i] * math.sqrt(s[i] - s[i + 1])
         steps.append(
-            PlanStep(i, s[i], s[i + 1], std, SQRT_2PI_E * std, l, "sde" if sde else "ode", entropy_score(g[i], s[i], s[i + l]))
+            PlanStep(i, s[i], s[i + 1], std, score(g[i], s[i], s[i + 1]), l, "sde" if sde else "ode", score(g[i], s[i], s[i + l]))
         )
     return EntropyPlan(tuple(s), float(eta), float(tau), diffusion, tuple(g), tuple(steps))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .advantage import advantages
-from .algorithms import branch_starts
+from .algorithms import branch_starts, train_mask
 from .config import JobSpec
 from .guidance import GuidedVelocity
 from .objective import clipped_objective
@@ -24,7 +24,7 @@ from .policies.base import FlowPolicy
 from .randomness import stream_generator
 from .rewards.combine import WeightedRewards
 from .rollout import Rollout, rollout
-from .sde import gaussian_kl, sde_step
+from .sde import flow_grpo_kl, gaussian_kl, sde_step
 from .telemetry import PhaseTimer
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ class Trainer:
         with phases("rollout"):
             ro = rollout(velocity, self.plan, starts, [stream_generator(seed, "rollout", it, s) for s in slots],
                          group_size=algo.group_size, granularities=algo.granularities, sde_window=algo.sde_window,
-                         shared_initial_noise=algo.shared_initial_noise)
+                         shared_initial_noise=algo.shared_initial_noise, granularity_grid=algo.granularity_grid,
+                         window_last_step=self.plan.active[-1] if algo.window_within_active else None)
         # 2. Score: decode and reward in bounded chunks -> [NG, n_gran, G].
         scores = self.score(ro, prompts, phases)
         # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].
@@ -170,18 +171,10 @@ class Trainer:
 
     # --- the update --------------------------------------------------------------------------------
     def _trained_transitions(self, ro: Rollout, gen: torch.Generator) -> torch.Tensor:
-        """[N] bool: every transition, or (train_fraction < 1, DanceGRPO) a random subset of each group's steps."""
-        keep = torch.ones(ro.member.numel(), dtype=torch.bool)
-        if self.algo.train_fraction >= 1.0:
-            return keep
-        n_pos = int(ro.window_pos.max()) + 1
-        n_keep = max(1, round(self.algo.train_fraction * n_pos))
-        group = ro.member // self.algo.group_size
-        for gid in group.unique().tolist():
-            chosen = torch.randperm(n_pos, generator=gen)[:n_keep]
-            sel = group == gid
-            keep[sel] &= torch.isin(ro.window_pos[sel], chosen)
-        return keep
+        """[N] bool: the transitions the update trains (algorithms.train_mask: last step, subset)."""
+        a = self.algo
+        return train_mask(ro.window_pos, ro.member, ro.sigma_next, group_size=a.group_size, fraction=a.train_fraction,
+                          train_last_step=a.train_last_step, subset=a.train_subset, gen=gen)
 
     def _minibatches(self, units: torch.Tensor, steps: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
         if self.algo.update_mode == "per_step":  # the authors' code: one optimizer step per active step
@@ -233,7 +226,8 @@ class Trainer:
             with torch.no_grad(), self.policy.lora_disabled():
                 v_ref = velocity(x_in, sigma, ro.input_prompt[micro])
             ref = sde_step(x_in[row], v_ref[row], sigma[row], sigma_next, g, x_next=x_next)
-            kl = gaussian_kl(out.mean, ref.mean, out.scale)
+            kl = gaussian_kl(out.mean, ref.mean, out.scale) if self.algo.kl_form == "gaussian" \
+                else flow_grpo_kl(out.mean, ref.mean, g)
             loss = loss + self.algo.kl_beta * kl.sum() / n_trans
             stats["kls"].append(kl.detach().cpu())
         loss.backward()

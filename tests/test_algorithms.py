@@ -11,7 +11,7 @@ from egrpo_backend.algorithms import (PENDING_FIELDS, PENDING_PRESETS, PRESETS, 
                                       sliding_window, train_mask, trained_count)
 from egrpo_backend.config import AlgorithmSpec, JobSpec
 from egrpo_backend.guidance import GuidedVelocity
-from egrpo_backend.rollout import coarse_grid, rollout
+from egrpo_backend.rollout import coarse_grid, expected_nfe, finish_grid, rollout
 from egrpo_backend.schedule import shifted_sigmas
 from egrpo_backend.sde import flow_grpo_kl, gaussian_kl
 from test_rollout import CountingPolicy, generators, rewards_of
@@ -28,7 +28,8 @@ def roll(a, iteration=0, prompts=("p0", "p1"), G=4):
     policy = CountingPolicy()
     velocity = GuidedVelocity(policy, policy.encode(list(prompts)))
     ro = rollout(velocity, plan, starts, generators(iteration, len(prompts)), group_size=G,
-                 granularities=a.granularities, sde_window=a.sde_window, shared_initial_noise=a.shared_initial_noise)
+                 granularities=a.granularities, sde_window=a.sde_window, shared_initial_noise=a.shared_initial_noise,
+                 window_last_step=plan.active[-1] if a.window_within_active else None)
     return plan, starts, ro, rewards_of(policy, ro, G)
 
 
@@ -224,3 +225,55 @@ def test_pending_fields_are_new_and_pending_presets_use_allowed_values():
                 assert isinstance(value, kind) and (allowed is None or value in allowed), (preset, key, value)
     for name, (kind, default, allowed, comment) in PENDING_FIELDS.items():
         assert isinstance(default, kind) and comment and (allowed is None or default in allowed), name
+
+
+def test_wired_reference_fields_per_preset_and_their_validation():
+    assert (algo("dance").train_last_step, algo("dance").train_subset) == (False, "per_sample")
+    assert (algo("flowgrpo").train_last_step, algo("flowgrpo").kl_form) == (False, "flow_grpo")
+    assert algo("flowgrpo_fast").kl_form == "flow_grpo" and algo("egrpo").kl_form == "gaussian"
+    assert algo("egrpo").train_last_step and algo("egrpo").train_subset == "per_group"
+    for bad in ({"kl_form": "x"}, {"train_subset": "x"}, {"train_last_step": 1}, {"slide_rollback": "no"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            JobSpec.from_dict({"algorithm": {"preset": "egrpo", **bad}})
+
+
+def test_mixgrpo_branch_stays_at_the_last_step_without_roll_back():
+    a, b = algo("mixgrpo"), algo("mixgrpo", slide_rollback=False)
+    plan = a.plan()
+    start = lambda spec, it: branch_starts(spec, plan, it, torch.Generator())[0]  # noqa: E731
+    assert [start(a, it) for it in (0, 24, 25, 349, 350)] == [0, 0, 1, 13, 0]
+    assert [start(b, it) for it in (0, 24, 25, 349, 350, 10_000)] == [0, 0, 1, 13, 13, 13]
+
+
+def test_rollout_finishes_on_the_authors_grid_by_default_and_strided_on_request():
+    """E-GRPO's merged branch 2 -> 4 at g = 2: authors 4, 5, 7, .., 13, 0; strided 4, 6, .., 14, 0."""
+    a = algo("egrpo", granularities=[1, 2])
+    assert a.granularity_grid == "authors"
+    plan = a.plan()
+    sig = list(plan.sigmas)
+    assert [sig.index(s) for s in finish_grid(sig[4:], 2)] == [4, 5, 7, 9, 11, 13, 16]
+    assert [sig.index(s) for s in finish_grid(sig[4:], 2, "strided")] == [4, 6, 8, 10, 12, 14, 16]
+
+    def finals(kind):
+        policy = CountingPolicy()
+        velocity = GuidedVelocity(policy, policy.encode(["p0"]))
+        ro = rollout(velocity, plan, [2], generators(0, 1), group_size=2, granularities=[1, 2], granularity_grid=kind)
+        assert ro.nfe == expected_nfe(plan, [2], 2, [1, 2], granularity_grid=kind)
+        return ro.final
+
+    ours, authors = finals("strided"), finals("authors")
+    assert torch.equal(ours[:, 0], authors[:, 0]) and not torch.equal(ours[:, 1], authors[:, 1])
+    with pytest.raises(ValueError, match="granularity_grid"):
+        algo("egrpo", granularity_grid="fine")
+
+
+def test_mixgrpo_window_is_cut_at_the_last_active_step():
+    """Window 4 over starts 0..13 at T = 16: at iteration 275 it starts at 11 and holds 11, 12, 13."""
+    a = algo("mixgrpo")
+    assert a.window_within_active
+    _, starts, ro, _ = roll(a, iteration=275)
+    assert starts == [11] and sorted(ro.input_step.unique().tolist()) == [11, 12, 13]
+    _, _, ro, _ = roll(a, iteration=349)
+    assert ro.input_step.unique().tolist() == [13]
+    _, _, ro, _ = roll(algo("mixgrpo", window_within_active=False), iteration=275)
+    assert sorted(ro.input_step.unique().tolist()) == [11, 12, 13, 14]

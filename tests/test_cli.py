@@ -72,3 +72,15 @@ def test_backend_imports_without_comfyui():
             "assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("reading, merges, entropy0", [
+    ("ours", [1, 1, 2, 2, 2, 3, 3, 3], 2.893),  # sqrt(2 pi e) * 0.7 * sqrt(1.0)
+    ("variance", [1, 1, 1, 1, 1, 2, 2, 2], 8.369),  # 2 pi e * 0.49 * 1.0
+    # sigma_1 = 2.8125 / 2.875 = 45/46; step 0 (sigma = 1 convention): 1/(1 - 45/46) * (1 - 45/46) = 1
+    ("eq11", [3, 2, 4, 5, 6, 7, 8, 8], 1.0),
+])
+def test_plan_readings_of_the_entropy_score(reading, merges, entropy0, capsys):
+    assert main(["plan", "--tau", "2.2", "--reading", reading, "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert [s["merge"] for s in steps[:8]] == merges and round(steps[0]["entropy"], 3) == entropy0

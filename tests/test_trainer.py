@@ -131,3 +131,18 @@ def test_step_returns_sample_images_of_the_first_groups():
     result = trainer.step()
     assert result.images.shape == (4 * 4, 3, 16, 16)  # SAMPLE_GROUPS groups of G = 4, finest granularity
     assert len(result.prompts) == 2 and set(result.prompts) <= set(PROMPTS)
+
+
+def test_dance_trains_int_0_6_of_the_steps_before_the_last_per_member():
+    # T = 6, every step SDE: 5 candidates before the last, int(5 * 0.6) = 3 per member, 2 x 4 members.
+    policy, trainer = make_trainer("sd3", preset="dance", active="all")
+    assert trainer.step().metrics["trained_transitions"] == 8 * 3
+    _, kept_last = make_trainer("sd3", preset="dance", active="all", train_last_step=True, train_subset="per_group")
+    assert kept_last.step().metrics["trained_transitions"] == 8 * 3  # round-free: int(6 * 0.6) = 3 per group
+
+
+def test_flowgrpo_samples_the_last_step_but_never_trains_it_and_uses_its_kl():
+    policy, trainer = make_trainer("sd3", preset="flowgrpo", active="all", kl_beta=0.1)
+    m = trainer.step().metrics
+    assert m["trained_transitions"] == 8 * 5  # 6 SDE steps per member, the last one (to sigma = 0) dropped
+    assert trainer.algo.kl_form == "flow_grpo" and 0 <= m["kl"] < 1e-3 and m["ratio_first_dev"] < 1e-5
