@@ -102,3 +102,32 @@ def broadcast_decision(flag: bool) -> bool:
     box = [bool(flag) if is_writer() else None]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the ranks' gradients in place (one flat all-reduce). Each rank's loss is already divided by
+    the GLOBAL transition count, so the sum is exactly the one-process gradient."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+def all_sum(value: float | int) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_objects(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
