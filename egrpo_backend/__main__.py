@@ -23,12 +23,40 @@ def _running_job(job_dir):
     so a job manager that sees the lock held may signal this process: while the model still loads, a
     SIGTERM means "cancel after the first iteration", not death by the default handler."""
     catch_early_sigterm()
+    if not job_process.holds_lock_here():  # another rank, or the launching parent, holds it
+        yield
+        return
     lock, _ = job_process.claim(job_dir)
     try:
         yield
     finally:
         (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
         lock.release()
+
+
+def _launch_ranks(a) -> int:
+    """`run/resume --nproc-per-node N`: hold the lock here and run N ranks with torch.distributed.run."""
+    import subprocess
+
+    with _running_job(_job_dir(a.job_dir)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
+               f"--max-restarts={a.max_restarts}", "-m", "egrpo_backend", a.cmd, str(a.job_dir)]
+        cmd += (["--until", str(a.until)] if a.until is not None else []) + (["--quiet"] if a.quiet else [])
+        rc = subprocess.call(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"})
+        if rc:
+            _record_rank_failure(Path(a.job_dir), rc)
+        return rc
+
+
+def _record_rank_failure(job_dir: Path, rc: int) -> None:
+    """A rank that died without writing (e.g. SIGKILL) leaves no error event: the parent writes it."""
+    from .job_folder import EventLog, read_status, write_status
+
+    if read_status(job_dir).get("status") == "failed":
+        return  # rank 0 recorded the error itself
+    msg = f"a rank exited abnormally; torchrun ended with exit code {rc} (its failure summary above names the rank)"
+    EventLog(job_dir).emit("error", message=msg, traceback="")
+    write_status(job_dir, status="failed", message=msg, pid=None)
 
 
 def cmd_plan(a) -> int:
@@ -56,6 +84,8 @@ def cmd_train(a) -> int:
 
 
 def cmd_run(a) -> int:
+    if a.nproc_per_node > 1:
+        return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
         from .jobs import run_job
 
@@ -66,6 +96,8 @@ def cmd_resume(a) -> int:
     # The lock (not a pid that may have been reused) says whether another process runs the job; a stale
     # cancel request was dropped when the lock was taken, a fresh one (sent since this process started)
     # is honoured, so this is run_job and not jobs.resume_job.
+    if a.nproc_per_node > 1:
+        return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
         from .jobs import run_job
 
@@ -153,7 +185,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("job_dir", help="job directory (holds job.json)")
         s.add_argument("--until", type=int, default=None, help="stop (resumably) after this many iterations")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
-        s.set_defaults(fn=fn)
+        s.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this machine (torch.distributed.run); "
+                       "prompts_per_iteration must be a multiple (docs/scale_out.md)")
+        s.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of failed ranks (each resumes "
+                       "from the last checkpoint)")
+        s.set_defaults(fn=fn, cmd=name)
 
     s = sub.add_parser("train", help="create a job from a spec file and run it", description="Create a job "
                        "directory from a JSON spec (validated) and run it.")
