@@ -42,19 +42,35 @@ def _launch_ranks(a) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
                f"--max-restarts={a.max_restarts}", "-m", "egrpo_backend", a.cmd, str(a.job_dir)]
         cmd += (["--until", str(a.until)] if a.until is not None else []) + (["--quiet"] if a.quiet else [])
-        rc = subprocess.call(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"})
+        child = subprocess.Popen(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"}, stderr=subprocess.PIPE, text=True)
+        tail = []
+        for line in child.stderr:  # pass torchrun's messages on, keeping the failure summary that names the rank
+            sys.stderr.write(line)
+            tail = (tail + [line])[-200:]
+        rc = child.wait()
         if rc:
-            _record_rank_failure(Path(a.job_dir), rc)
+            _record_rank_failure(Path(a.job_dir), rc, _failed_rank("".join(tail)))
         return rc
 
 
-def _record_rank_failure(job_dir: Path, rc: int) -> None:
-    """A rank that died without writing (e.g. SIGKILL) leaves no error event: the parent writes it."""
+def _failed_rank(torchrun_stderr: str) -> str | None:
+    """The rank of torchrun's 'Root Cause' entry ('rank      : 1 (local_rank: 1)')."""
+    import re
+
+    root = torchrun_stderr.split("Root Cause", 1)[-1]
+    found = re.search(r"rank\s*:\s*(\d+)", root)
+    return found.group(1) if found else None
+
+
+def _record_rank_failure(job_dir: Path, rc: int, rank: str | None) -> None:
+    """A rank that died without writing (e.g. SIGKILL) leaves no error event (rank 0 only sees a lost peer):
+    the parent writes one naming the rank torchrun reports as the root cause."""
     from .job_folder import EventLog, read_status, write_status
 
-    if read_status(job_dir).get("status") == "failed":
-        return  # rank 0 recorded the error itself
-    msg = f"a rank exited abnormally; torchrun ended with exit code {rc} (its failure summary above names the rank)"
+    if rank is None and read_status(job_dir).get("status") == "failed":
+        return  # rank 0 recorded the error itself; a dead rank named by torchrun is still recorded below
+    who = f"rank {rank}" if rank is not None else "a rank (see torchrun's failure summary)"
+    msg = f"{who} exited abnormally; torchrun ended with exit code {rc}; `resume` continues from the last checkpoint"
     EventLog(job_dir).emit("error", message=msg, traceback="")
     write_status(job_dir, status="failed", message=msg, pid=None)
 

@@ -140,3 +140,57 @@ def test_two_ranks_train_like_one_process():
         # order), which AdamW's per-element normalisation amplifies on near-zero elements. The issue asks
         # for 1e-6; that needs bit-equal gradients and is not reached yet (docs/scale_out.md).
         assert max(diffs) < 3e-5
+
+
+# --- faults: SIGKILL of rank 1 ends the job with an error naming it; resume (1 rank) finishes -------------
+def _rank_pid(job_dir, rank: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"EGRPO_LOCK_HELD=1" in env and str(job_dir).encode() in cmdline:
+            return int(entry)
+    return None
+
+
+def test_sigkill_of_rank_1_fails_the_job_naming_it_then_resume_finishes(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_jobs import tiny_spec
+    from egrpo_backend.config import JobSpec
+    from egrpo_backend.jobs import create_job, read_events, read_status
+
+    job = tmp_path / "job"
+    create_job(JobSpec.from_dict(tiny_spec(40, prompts_per_iteration=2)), job)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    parent = subprocess.Popen([sys.executable, "-m", "egrpo_backend", "run", str(job), "--nproc-per-node", "2", "--quiet"],
+                              env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not any(e["type"] == "checkpoint" for e in read_events(job)[0]) and time.time() < deadline:
+            time.sleep(0.5)
+        os.kill(_rank_pid(job, 1), signal.SIGKILL)
+        killed = time.time()
+        parent.wait(timeout=60)
+        assert time.time() - killed < 60
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)  # the parent, torchrun and the ranks
+    errors = [e for e in read_events(job)[0] if e["type"] == "error"]
+    assert errors and "rank 1" in errors[-1]["message"], errors
+    assert read_status(job)["status"] == "failed"
+    done = subprocess.run([sys.executable, "-m", "egrpo_backend", "resume", str(job), "--until", "3", "--quiet"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((job / "status.json").read_text())["iteration"] >= 3
