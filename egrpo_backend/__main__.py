@@ -24,12 +24,56 @@ def _running_job(job_dir):
     so a job manager that sees the lock held may signal this process: while the model still loads, a
     SIGTERM means "cancel after the first iteration", not death by the default handler."""
     catch_early_sigterm()
+    if not job_process.holds_lock_here():  # another rank, or the launching parent, holds it
+        yield
+        return
     lock, _ = job_process.claim(job_dir)
     try:
         yield
     finally:
         (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
         lock.release()
+
+
+def _launch_ranks(a) -> int:
+    """`run/resume --nproc-per-node N`: hold the lock here and run N ranks with torch.distributed.run."""
+    import subprocess
+
+    with _running_job(_job_dir(a.job_dir)):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
+               f"--max-restarts={a.max_restarts}", "-m", "egrpo_backend", a.cmd, str(a.job_dir)]
+        cmd += (["--until", str(a.until)] if a.until is not None else []) + (["--quiet"] if a.quiet else [])
+        child = subprocess.Popen(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"}, stderr=subprocess.PIPE, text=True)
+        tail = []
+        for line in child.stderr:  # pass torchrun's messages on, keeping the failure summary that names the rank
+            sys.stderr.write(line)
+            tail = (tail + [line])[-200:]
+        rc = child.wait()
+        if rc:
+            _record_rank_failure(Path(a.job_dir), rc, _failed_rank("".join(tail)))
+        return rc
+
+
+def _failed_rank(torchrun_stderr: str) -> str | None:
+    """The rank of torchrun's 'Root Cause' entry ('rank      : 1 (local_rank: 1)')."""
+    import re
+
+    root = torchrun_stderr.split("Root Cause", 1)[-1]
+    found = re.search(r"rank\s*:\s*(\d+)", root)
+    return found.group(1) if found else None
+
+
+def _record_rank_failure(job_dir: Path, rc: int, rank: str | None) -> None:
+    """A rank that died without writing (e.g. SIGKILL) leaves no error event (rank 0 only sees a lost peer):
+    the parent writes one naming the rank torchrun reports as the root cause."""
+    from .job_folder import EventLog, read_status, write_status
+
+    if rank is None and read_status(job_dir).get("status") == "failed":
+        return  # rank 0 recorded the error itself; a dead rank named by torchrun is still recorded below
+    who = f"rank {rank}" if rank is not None else "a rank (see torchrun's failure summary)"
+    msg = f"{who} exited abnormally; torchrun ended with exit code {rc}; `resume` continues from the last checkpoint"
+    EventLog(job_dir).emit("error", message=msg, traceback="")
+    write_status(job_dir, status="failed", message=msg, pid=None)
 
 
 def cmd_plan(a) -> int:
@@ -57,6 +101,8 @@ def cmd_train(a) -> int:
 
 
 def cmd_run(a) -> int:
+    if a.nproc_per_node > 1:
+        return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
         from .jobs import run_job
 
@@ -67,6 +113,8 @@ def cmd_resume(a) -> int:
     # The lock (not a pid that may have been reused) says whether another process runs the job; a stale
     # cancel request was dropped when the lock was taken, a fresh one (sent since this process started)
     # is honoured, so this is run_job and not jobs.resume_job.
+    if a.nproc_per_node > 1:
+        return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
         from .jobs import run_job
 
@@ -157,7 +205,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("job_dir", help="job directory (holds job.json)")
         s.add_argument("--until", type=int, default=None, help="stop (resumably) after this many iterations")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
-        s.set_defaults(fn=fn)
+        s.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this machine (torch.distributed.run); "
+                       "prompts_per_iteration must be a multiple (docs/scale_out.md)")
+        s.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of failed ranks (each resumes "
+                       "from the last checkpoint)")
+        s.set_defaults(fn=fn, cmd=name)
 
     s = sub.add_parser("train", help="create a job from a spec file and run it", description="Create a job "
                        "directory from a JSON spec (validated) and run it.")

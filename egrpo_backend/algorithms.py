@@ -135,7 +135,8 @@ def trained_count(candidates: int, fraction: float) -> int:
 
 
 def train_mask(window_pos: torch.Tensor, member: torch.Tensor, sigma_next: torch.Tensor, *, group_size: int,
-               fraction: float, train_last_step: bool, subset: str, gen: torch.Generator) -> torch.Tensor:
+               fraction: float, train_last_step: bool, subset: str, gen: torch.Generator,
+               unit_offset: int = 0, total_units: int | None = None) -> torch.Tensor:
     """[N] bool: which recorded transitions the update trains.
 
     1. Without `train_last_step`, transitions that end at sigma = 0 are dropped (DanceGRPO and
@@ -150,10 +151,13 @@ def train_mask(window_pos: torch.Tensor, member: torch.Tensor, sigma_next: torch
     keep = torch.ones(member.numel(), dtype=torch.bool) if train_last_step else (sigma_next > 0).cpu()
     if fraction >= 1.0:
         return keep
-    unit = member if subset == "per_sample" else member // group_size
-    for u in unit.unique().tolist():
+    unit = (member if subset == "per_sample" else member // group_size) + unit_offset
+    # Data parallel (docs/scale_out.md): every rank draws every rank's units in one order, keeps its own,
+    # so the subsets equal one process's. Units hold the same window positions within an iteration.
+    first = window_pos[(unit == unit.min()) & keep].unique()
+    for u in (range(total_units) if total_units else unit.unique().tolist()):
         sel = unit == u
-        pos = window_pos[sel & keep].unique()
+        pos = window_pos[sel & keep].unique() if bool(sel.any()) else first
         chosen = pos[torch.randperm(pos.numel(), generator=gen)[: trained_count(pos.numel(), fraction)]]
         keep[sel] &= torch.isin(window_pos[sel], chosen)
     return keep

@@ -33,7 +33,9 @@ class CancelFlag:
     """SIGTERM / SIGINT (also one caught early) or a `cancel` file in the job dir: stop after the current iteration."""
 
     def __init__(self, job_dir):
-        self.lock, self._owns_lock = job_process.claim(job_dir)  # raises JobBusy when another process runs the job
+        self.lock, self._owns_lock = None, False
+        if job_process.holds_lock_here():  # not under a `--nproc-per-node` parent, nor a rank > 0
+            self.lock, self._owns_lock = job_process.claim(job_dir)  # raises JobBusy when another process runs the job
         self.file, self.signalled = Path(job_dir) / job_process.CANCEL_FILE, _early["signalled"]
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):

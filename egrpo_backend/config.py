@@ -253,6 +253,8 @@ class TrainSpec:
     threads: int = 0  # torch CPU threads; 0 = torch default
     diversity_guard: float = 0.0  # reward-hacking guard: if held-out diversity < this x base, stop and restore the last LoRA that passed; 0 = off
     drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
+    parallel: str = "ddp"  # multi-rank gradient averaging: ddp (LoRA replicated) | fsdp (FSDP2, frozen base sharded); see docs/scale_out.md
+    dist_timeout: float = 300.0  # seconds a collective may wait before the process group fails (no hang when a rank dies)
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
@@ -275,6 +277,8 @@ class TrainSpec:
         _range("train.diversity_guard", self.diversity_guard, 0, 1)
         if self.drift_guard:
             _range("train.drift_guard", self.drift_guard, 1, 100)
+        _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
+        _range("train.dist_timeout", self.dist_timeout, 0, 86400, lo_open=True)
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
 

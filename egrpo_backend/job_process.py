@@ -103,6 +103,14 @@ class JobLock:
             self.fd = None
 
 
+LOCK_HELD_ENV = "EGRPO_LOCK_HELD"  # set by `run --nproc-per-node` for its torchrun children
+
+
+def holds_lock_here() -> bool:
+    """One process per job holds its lock: the `--nproc-per-node` parent, else rank 0 (plain torchrun)."""
+    return os.environ.get(LOCK_HELD_ENV) != "1" and os.environ.get("RANK", "0") == "0"
+
+
 def claim(job_dir, wait: float = 3.0) -> tuple[JobLock, bool]:
     """Take the job's lock for this process. Returns (lock, newly_taken); a lock this process already
     holds is returned as is (newly_taken False). Raises JobBusy when another process runs the job.

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import lora as lora_lib
 from .atomic import atomic_write_bytes
 from .build import build_trainer, eval_pairs
@@ -90,33 +91,50 @@ def _lora_file_name(spec: JobSpec, fmt: str) -> str:
 
 
 # --- running ---------------------------------------------------------------------------------------
+class _SilentLog:
+    """The event log of ranks other than 0: rank 0 alone writes (docs/scale_out.md)."""
+
+    def emit(self, type: str, **data) -> dict:
+        return {"type": type, **data}
+
+
+def _writer_status(job_dir: Path, **fields) -> None:
+    if distributed.is_writer():
+        write_status(job_dir, **fields)
+
+
 def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
-    """Run (or continue from the last checkpoint) until the spec's iterations, `until`, or a cancel."""
+    """Run (or continue from the last checkpoint) until the spec's iterations, `until`, or a cancel.
+    Under torchrun every rank calls this; rank 0 alone writes the job folder."""
+    from .policies import resolve_device
+
     job_dir = Path(job_dir)
     spec = load_spec(job_dir)
-    events = EventLog(job_dir)
+    distributed.init(resolve_device(spec.train.device), spec.train.dist_timeout)
+    events = EventLog(job_dir) if distributed.is_writer() else _SilentLog()
     cancel = CancelFlag(job_dir)
-    write_status(job_dir, status="running", pid=os.getpid(), message="")
+    _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
     threads = torch.get_num_threads()
     try:
         if spec.train.threads:  # the thread count changes float reduction order: part of a run's identity
             torch.set_num_threads(spec.train.threads)
-        return _run(job_dir, spec, events, cancel, until, progress)
+        return _run(job_dir, spec, events, cancel, until, progress and distributed.is_writer())
     except BaseException as e:
         _record_failure(job_dir, events, e)
         raise
     finally:
         cancel.restore()
         torch.set_num_threads(threads)
+        distributed.teardown()
 
 
 def _record_failure(job_dir: Path, events: EventLog, error: BaseException) -> None:
     """The error event and the failed status, as far as the disk allows: when it is full, these writes
     fail too, and the status still reads failed ("process ended", job_folder.current_status)."""
-    msg = f"{type(error).__name__}: {error}"
+    msg = f"{type(error).__name__}: {error}" + (f" (rank {distributed.rank()})" if distributed.world_size() > 1 else "")
     try:
         events.emit("error", message=msg, traceback=traceback.format_exc())
-        write_status(job_dir, status="failed", message=msg, pid=None)
+        _writer_status(job_dir, status="failed", message=msg, pid=None)
     except OSError as e:
         log.warning("could not record the failure of %s: %s", job_dir, e)
 
@@ -125,9 +143,12 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     from tqdm.auto import tqdm
 
     cfg = spec.train
-    clean_leftovers(job_dir)
+    writer = distributed.is_writer()
+    if writer:
+        clean_leftovers(job_dir)
     trainer = build_trainer(spec, job_dir=job_dir)
-    trainer.plan.save_png(job_dir / "plan.png")
+    if writer:
+        trainer.plan.save_png(job_dir / "plan.png")
     ckpt = latest_checkpoint(job_dir)
     runner = load_checkpoint(ckpt, trainer) if ckpt else {}
     defaults = source_defaults(spec.model)
@@ -141,12 +162,13 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
 
     bar = tqdm(total=cfg.iterations, initial=trainer.state.iteration, disable=not progress, desc="E-GRPO", unit="it")
     status, t_start, done_at_start = "finished", time.perf_counter(), trainer.state.iteration
-    while trainer.state.iteration < total and not cancel:  # a cancel at start stops before any iteration
+    # Rank 0 reads the cancel file and its decision goes to every rank: all stop after the same iteration.
+    while trainer.state.iteration < total and not distributed.broadcast_decision(bool(cancel)):
         result = trainer.step()
         it, m = trainer.state.iteration, result.metrics
         rate = (time.perf_counter() - t_start) / max(1, it - done_at_start)
         events.emit("metrics", total=cfg.iterations, eta_seconds=rate * (cfg.iterations - it), **m)
-        write_status(job_dir, iteration=it, total=cfg.iterations)
+        _writer_status(job_dir, iteration=it, total=cfg.iterations)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m['clip_frac']:.2f}")
         tripped = None
@@ -156,18 +178,22 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
             tripped = guard.check(it, entry)
             if tripped:
                 events.emit("guard", **tripped)
-        if cfg.sample_every and it % cfg.sample_every == 0:
+        if writer and cfg.sample_every and it % cfg.sample_every == 0:
             events.emit("sample", iteration=it, path=write_sample_grid(job_dir, it, result.images, spec.algorithm.group_size))
-        stop = bool(cancel) or bool(tripped)
-        if it % cfg.checkpoint_every == 0 or it == total or stop:
+        cancelled = distributed.broadcast_decision(bool(cancel))
+        stop = cancelled or bool(tripped)
+        if writer and (it % cfg.checkpoint_every == 0 or it == total or stop):
             path = save_checkpoint(job_dir, trainer, spec, {"eval_history": held_out.history})
             events.emit("checkpoint", iteration=it, path=str(path.relative_to(job_dir)))
         if stop:
-            status = "cancelled" if cancel else "stopped"
+            status = "cancelled" if cancelled else "stopped"
             break
     bar.close()
-    if status == "finished" and cancel:  # cancelled before its first iteration
+    if status == "finished" and distributed.broadcast_decision(bool(cancel)):  # cancelled before its first iteration
         status = "cancelled"
+    if not writer:
+        return {"status": status, "iteration": trainer.state.iteration, "lora": [], "history": trainer.state.history,
+                "eval": held_out.history}
     return _finish(job_dir, spec, trainer, held_out, status, events)
 
 

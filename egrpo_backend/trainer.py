@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .advantage import advantages
 from .algorithms import branch_starts, train_mask
 from .config import JobSpec
@@ -26,6 +27,7 @@ from .rewards.combine import WeightedRewards
 from .rollout import Rollout, rollout
 from .sde import flow_grpo_kl, gaussian_kl, sde_step
 from .telemetry import PhaseTimer
+from .unit_ids import global_unit_ids
 
 log = logging.getLogger(__name__)
 UPDATE_MODES = ("averaged", "per_step")  # averaged: one loss over all active steps (paper); per_step: an optimizer step each (authors' code)
@@ -66,6 +68,17 @@ class StepResult:
     prompts: list[str]  # the iteration's prompts
 
 
+def _gathered_stats(stats: dict) -> dict:
+    """Update statistics of every rank (rank order); grad norms are already equal on all ranks."""
+    if distributed.world_size() == 1:
+        return stats
+    merged = defaultdict(list, norms=stats["norms"])
+    for part in distributed.all_objects({k: v for k, v in stats.items() if k != "norms"}):
+        for key, values in part.items():
+            merged[key].extend(values)
+    return merged
+
+
 class Trainer:
     def __init__(self, policy: FlowPolicy, spec: JobSpec, reward: WeightedRewards, prompts: list[str]):
         if not prompts:
@@ -82,6 +95,9 @@ class Trainer:
             # FLUX / SD3.5 sizes (bench/results/scale_h200.md); flash / memory-efficient attention do not.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.state = TrainerState()
+        # Data parallel (docs/scale_out.md): each rank rolls out whole prompts; one process is rank 0 of 1.
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        distributed.check_divisible(self.cfg.prompts_per_iteration, self.world)
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
 
     # --- data ----------------------------------------------------------------------------------
@@ -108,7 +124,7 @@ class Trainer:
         phases = PhaseTimer(self.policy.device)
 
         # 1. Rollout: groups of G members per (prompt, branch step); noise per (seed, iteration, prompt slot).
-        prompts, slots = self.next_prompts()
+        prompts, slots = distributed.local_share(*self.next_prompts(), self.rank, self.world)  # GLOBAL slots
         velocity = self.velocity_for(prompts)
         starts = branch_starts(algo, self.plan, it, stream_generator(seed, "branch", it))
         with phases("rollout"):
@@ -126,8 +142,9 @@ class Trainer:
         with phases("update"):
             upd = self.update(ro, adv, velocity, it)
         self.state.iteration += 1
-        self.state.nfe += ro.nfe + upd["nfe"]
-        metrics = self._metrics(scores, adv, starts, ro.nfe, upd, phases)
+        rollout_nfe = int(distributed.all_sum(ro.nfe))
+        self.state.nfe += rollout_nfe + upd["nfe"]
+        metrics = self._metrics(self._gathered(scores), distributed.all_concat(adv), starts, rollout_nfe, upd, phases)
         self.state.history.append(metrics)
         return StepResult(metrics, scores.images, prompts)
 
@@ -156,6 +173,13 @@ class Trainer:
         return Scores(to_groups(torch.cat(combined)), {k: to_groups(torch.cat(v)) for k, v in components.items()},
                       torch.cat(kept))
 
+    def _gathered(self, scores: Scores) -> Scores:
+        """Every rank's rewards in one-process order (ranks hold consecutive prompts), for the metrics."""
+        if self.world == 1:
+            return scores
+        return Scores(distributed.all_concat(scores.rewards),
+                      {k: distributed.all_concat(v) for k, v in scores.components.items()}, scores.images)
+
     def _metrics(self, scores: Scores, adv: torch.Tensor, starts, rollout_nfe: int, upd: dict, phases) -> dict:
         r = scores.rewards[:, 0]  # finest granularity [NG, G]
         metrics = {
@@ -173,14 +197,28 @@ class Trainer:
     def _trained_transitions(self, ro: Rollout, gen: torch.Generator) -> torch.Tensor:
         """[N] bool: the transitions the update trains (algorithms.train_mask: last step, subset)."""
         a = self.algo
+        per_rank = ro.group_prompt.numel() * (a.group_size if a.train_subset == "per_sample" else 1)
         return train_mask(ro.window_pos, ro.member, ro.sigma_next, group_size=a.group_size, fraction=a.train_fraction,
-                          train_last_step=a.train_last_step, subset=a.train_subset, gen=gen)
+                          train_last_step=a.train_last_step, subset=a.train_subset, gen=gen,
+                          unit_offset=self.rank * per_rank, total_units=self.world * per_rank if self.world > 1 else None)
 
     def _minibatches(self, units: torch.Tensor, steps: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
         if self.algo.update_mode == "per_step":  # the authors' code: one optimizer step per active step
             return [units[steps == s] for s in steps.unique(sorted=True)]
         perm = units[torch.randperm(units.numel(), generator=gen)]
         return [c for c in perm.tensor_split(min(self.cfg.minibatches, perm.numel())) if c.numel()]
+
+    def _global_minibatches(self, ro: Rollout, units: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """The one-process minibatches, each cut to this rank's inputs (local ids): the same shuffle on every rank."""
+        if self.world == 1:
+            return self._minibatches(units, ro.input_step[units], gen)
+        to_global = global_unit_ids(ro.input_id, ro.window_pos, ro.input_x.shape[0], self.rank, self.world)
+        pairs = [torch.stack(p) for p in distributed.all_objects((to_global[units], ro.input_step[units]))]
+        ids, steps = torch.cat(pairs, 1)
+        order = ids.argsort()  # the one-process units are sorted ids
+        local_of = {g: i for i, g in enumerate(to_global.tolist())}
+        chunks = self._minibatches(ids[order], steps[order], gen)
+        return [torch.tensor([local_of[g] for g in c.tolist() if g in local_of], dtype=torch.long) for c in chunks]
 
     def update(self, ro: Rollout, adv: torch.Tensor, velocity: GuidedVelocity, iteration: int) -> dict:
         seed, nfe_before = self.cfg.seed, velocity.nfe
@@ -189,23 +227,25 @@ class Trainer:
         units = ro.input_id[keep].unique()
         stats = defaultdict(list)
         for _ in range(self.cfg.inner_epochs):
-            for chunk in self._minibatches(units, ro.input_step[units], stream_generator(seed, "shuffle", iteration)):
-                n_trans = int((torch.isin(ro.input_id, chunk) & keep).sum())
+            for chunk in self._global_minibatches(ro, units, stream_generator(seed, "shuffle", iteration)):
+                n_trans = int(distributed.all_sum(int((torch.isin(ro.input_id, chunk) & keep).sum())))  # global count
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in chunk.split(self.cfg.micro_batch):
+                for micro in chunk.split(self.cfg.micro_batch) if chunk.numel() else ():  # a rank may hold none
                     self._backward(ro, adv_t, keep, micro.sort().values, n_trans, velocity, stats)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                distributed.sum_gradients(params)
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 if not torch.isfinite(norm):
                     raise FloatingPointError("gradient norm is NaN/inf; lower train.lr or check the reward for extreme values")
                 stats["norms"].append(norm.item())
                 self.optimizer.step()
+        stats = _gathered_stats(stats)
         ratio = torch.cat(stats["ratios"])
         out = {"ratio_mean": ratio.mean().item(), "ratio_max_dev": (ratio - 1).abs().max().item(),
                "ratio_first_dev": max(stats["first_dev"]), "clip_frac": torch.cat(stats["clipped"]).mean().item(),
                "loss": sum(stats["losses"]), "grad_norm": sum(stats["norms"]) / len(stats["norms"]),
-               "optimizer_steps": len(stats["norms"]), "trained_transitions": int(keep.sum()),
-               "nfe": velocity.nfe - nfe_before}
+               "optimizer_steps": len(stats["norms"]), "trained_transitions": int(distributed.all_sum(int(keep.sum()))),
+               "nfe": int(distributed.all_sum(velocity.nfe - nfe_before))}
         if stats["kls"]:
             out["kl"] = torch.cat(stats["kls"]).mean().item()
         return out

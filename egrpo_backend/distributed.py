@@ -1,0 +1,133 @@
+"""Data-parallel plumbing over torch.distributed: process group set-up from torchrun's environment,
+the prompt share of each rank, gathers to rank 0 and the cancel broadcast.
+
+One process (no torchrun) is world size 1 and every helper is then a no-op, so the trainer calls them
+unconditionally. A group never spans ranks (each rank rolls out whole prompts), so advantages need no
+communication; only gradients (DDP / FSDP2), metrics and the cancel decision cross ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) outside torchrun."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(device: torch.device, timeout_s: float) -> bool:
+    """Join torchrun's process group; False (and nothing done) for a single process.
+
+    The timeout bounds every collective, so a dead rank fails the others instead of hanging them."""
+    rank, _, world = world_from_env()
+    if world <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_writer() -> bool:
+    """Rank 0 alone writes events, checkpoints, samples and LoRAs."""
+    return rank() == 0
+
+
+def check_divisible(prompts_per_iteration: int, world: int) -> None:
+    if prompts_per_iteration % world:
+        raise ValueError(
+            f"train.prompts_per_iteration = {prompts_per_iteration} is not divisible by the world size {world}; "
+            f"set it to a multiple of {world} (every rank rolls out the same number of whole prompts)")
+
+
+def local_share(items: list, slots: list[int], rank_: int, world: int) -> tuple[list, list[int]]:
+    """This rank's contiguous share of the iteration's prompts, keeping their GLOBAL slots,
+    so a prompt's rollout noise (seeded by its slot) does not depend on the rank that draws it."""
+    check_divisible(len(items), world)
+    per = len(items) // world
+    lo, hi = rank_ * per, (rank_ + 1) * per
+    return items[lo:hi], slots[lo:hi]
+
+
+def loss_scale(local_count: int, global_count: int, world: int) -> float:
+    """Factor on a rank's mean loss so DDP's average of rank gradients equals the one-process
+    gradient of the global mean: mean_r(scale_r * g_r) = sum of per-sample gradients / global_count."""
+    return local_count * world / global_count
+
+
+def gather_to_writer(obj):
+    """Every rank's object as a list on rank 0 (rank order), None on the others; [obj] alone."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if is_writer() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped per-rank tensors along dim 0 on every rank (rewards, advantages)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_decision(flag: bool) -> bool:
+    """Rank 0's decision (e.g. 'cancel requested') on every rank, so all stop after the same iteration."""
+    if not dist.is_initialized():
+        return flag
+    box = [bool(flag) if is_writer() else None]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the ranks' gradients in place (one flat all-reduce). Each rank's loss is already divided by
+    the GLOBAL transition count, so the sum is exactly the one-process gradient."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+def all_sum(value: float | int) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_objects(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
