@@ -364,3 +364,28 @@ def test_plan_chart_legend_covers_no_bar_and_no_label_is_clipped(tau, active):
             assert box.y0 <= e.y0 and e.y1 <= box.y1, f"label {t.get_text()} at step {t.xy[0]} is clipped"
     finally:
         plt.close(fig)
+
+
+def test_the_nodes_cond_cache_holds_exactly_the_texts_the_job_encodes(recording_manager, tmp_path, monkeypatch):
+    """source = comfy with file-based eval prompts (ComfyUI faked; the input folder is $EGRPO_INPUT_DIR):
+    the prompts written into conds.safetensors equal build.texts_to_encode of the job the node submits,
+    so the child never meets a text the node did not encode (it once encoded the word "file")."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from egrpo_backend.build import texts_to_encode
+    from egrpo_backend.config import JobSpec
+
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / "held_out.txt").write_text("a snowy cabin\n# a comment\na blue bicycle\n")
+    monkeypatch.setenv("EGRPO_INPUT_DIR", str(inputs))
+    overrides = '{"eval_prompts": {"file": "held_out.txt"}, "eval_seeds": [7]}'
+    job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path), spec_overrides=overrides).args[1]
+    (_, spec), = recording_manager.submitted
+    with safe_open(str(recording_manager.root / job_id / "conds.safetensors"), "pt") as f:
+        cached = _json.loads(f.metadata()["prompts"])
+    expected = texts_to_encode(JobSpec.from_dict(spec))
+    assert cached == expected
+    assert {"a snowy cabin", "a blue bicycle", "a red fox", "a lighthouse"} <= set(cached) and "file" not in cached
