@@ -99,3 +99,23 @@ def install() -> None:
     comfy.samplers, comfy.utils, comfy.model_management = samplers, utils, mm
     sys.modules.update({"comfy_api": api, "comfy_api.latest": latest, "comfy": comfy, "comfy.samplers": samplers,
                         "comfy.utils": utils, "comfy.model_management": mm})
+
+
+TINY_JOB = {"model": {"source": "default"}, "rewards": [{"name": "jpeg_compressibility"}],
+            "algorithm": {"steps": 6, "active": "0-1", "group_size": 2}, "train": {"iterations": 3}}
+
+
+def route_get(manager, path: str) -> tuple[int, bytes]:
+    """GET `path` from the pack's real aiohttp routes (nodes.routes.make_app) over a test server."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nodes.routes import make_app
+
+    async def go():
+        async with TestClient(TestServer(make_app(manager))) as client:
+            resp = await client.get(path)
+            return resp.status, await resp.read()
+
+    return asyncio.run(go())

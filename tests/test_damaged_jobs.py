@@ -2,7 +2,6 @@
 job saved as running whose process is gone (no one holds its lock) reads as "failed: process ended"
 in the CLI's `status`, the routes and hence the panel."""
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -10,26 +9,21 @@ from pathlib import Path
 
 import pytest
 
+import comfy_fakes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from egrpo_backend.jobs import create_job, write_status  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
-from nodes.routes import make_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = {"model": {"source": "default"}, "rewards": [{"name": "jpeg_compressibility"}],
-        "algorithm": {"steps": 6, "active": "0-1", "group_size": 2}, "train": {"iterations": 3}}
+SPEC = comfy_fakes.TINY_JOB
 
 
 def get(manager, path):
-    async def go():
-        async with TestClient(TestServer(make_app(manager))) as client:
-            resp = await client.get(path)
-            return resp.status, await resp.json()
-
-    return asyncio.run(go())
+    status, body = comfy_fakes.route_get(manager, path)
+    return status, json.loads(body)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 The Train node's spec_overrides may name prompt files only inside ComfyUI's input folder and may not
 set output.copy_to; the files route serves an allow-list (never job.json, which holds the prompts)."""
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -15,27 +14,19 @@ import comfy_fakes
 comfy_fakes.install()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from egrpo_backend.jobs import create_job  # noqa: E402
 from nodes import train_nodes  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
-from nodes.routes import make_app  # noqa: E402
 
 KW = dict(source="default", name="t", reward=[{"name": "digit_probability", "weight": 1.0}], prompts=None,
           preset="egrpo", iterations=2, group_size=2, prompts_per_iteration=1, steps=6, shift=3.0, eta=0.7,
           tau=2.2, active="0-1", lr=1e-3, clip_range=0.2, lora_rank=4, seed=0)
-SPEC = {"model": {"source": "default"}, "rewards": [{"name": "jpeg_compressibility"}],
-        "algorithm": {"steps": 6, "active": "0-1", "group_size": 2}, "train": {"iterations": 3}}
+SPEC = comfy_fakes.TINY_JOB
 
 
 def get(manager, path):
-    async def go():
-        async with TestClient(TestServer(make_app(manager))) as client:
-            resp = await client.get(path)
-            return resp.status, await resp.read()
-
-    return asyncio.run(go())
+    return comfy_fakes.route_get(manager, path)
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../secret.txt", "sub/../../secret.txt"])
