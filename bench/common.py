@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # One setting for every method (only the preset changes): LoRA r 8, lr 1e-3, PPO clip 0.2 with 8
-# minibatches per rollout batch (PROTOTYPE.md: the paper's 1e-4 under-trains a small LoRA), 2 prompts
+# minibatches per rollout batch (the paper's 1e-4 under-trains a small LoRA on the embedded default), 2 prompts
 # per iteration, G = 8.
 COMMON = {
     "model": {"source": "default"},

@@ -1,6 +1,6 @@
 """Do our converted reward models compute what the reference implementations compute?
 
-The references are not project dependencies (see shared/DEPENDENCIES.md), so this runs in a side
+The references are not project dependencies (docs/rewards.md), so this runs in a side
 environment where they import, on random-weight models (no published weights are needed):
   - HPS v2: HPSv2's own bundled open_clip (model, tokenizer, evaluation transform) -> our `hpsv2`;
   - CLIP score: open_clip (PyPI open_clip_torch) -> our `clip_score` from an open_clip checkpoint;

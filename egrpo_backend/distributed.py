@@ -71,12 +71,6 @@ def local_share(items: list, slots: list[int], rank_: int, world: int) -> tuple[
     return items[lo:hi], slots[lo:hi]
 
 
-def loss_scale(local_count: int, global_count: int, world: int) -> float:
-    """Factor on a rank's mean loss so DDP's average of rank gradients equals the one-process
-    gradient of the global mean: mean_r(scale_r * g_r) = sum of per-sample gradients / global_count."""
-    return local_count * world / global_count
-
-
 def gather_to_writer(obj):
     """Every rank's object as a list on rank 0 (rank order), None on the others; [obj] alone."""
     if not dist.is_initialized():

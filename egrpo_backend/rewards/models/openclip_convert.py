@@ -1,6 +1,6 @@
 """open_clip (and OpenAI CLIP) state dicts -> transformers CLIPModel: config and renamed weights.
 
-open_clip is not a dependency (see shared/DEPENDENCIES.md), so HPS v2 and other open_clip checkpoints
+open_clip is not a dependency (docs/rewards.md says why), so HPS v2 and other open_clip checkpoints
 are converted on load. The two implementations compute the same function; only names and layouts
 differ:
 
