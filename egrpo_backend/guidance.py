@@ -44,11 +44,20 @@ class GuidedVelocity:
         self.per_row = evaluations_per_call(guidance_scale)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, x.shape[0], self.batch):
-            rows = prompt_rows[i : i + self.batch]
-            c = cond_select(self.cond, rows)
-            out.append(guided_velocity(self.policy, x[i : i + self.batch], sigma[i : i + self.batch], c, self.uncond,
-                                       self.guidance_scale).float())
+        """Chunks never mix prompts: a prompt's velocities are then computed on the same batch
+        whichever other prompts share the call, its process or its rank, so one process and N ranks
+        give bit-identical rollouts (a matmul's rounding depends on its batch; docs/scale_out.md)."""
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for rows in prompt_chunks(prompt_rows, self.batch):
+            idx = rows.to(x.device)
+            c = cond_select(self.cond, prompt_rows[rows])
+            out[idx] = guided_velocity(self.policy, x[idx], sigma[idx], c, self.uncond, self.guidance_scale).float()
             self.nfe += rows.numel() * self.per_row
-        return torch.cat(out)
+        return out
+
+
+def prompt_chunks(prompt_rows: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Row indices grouped by prompt (first-appearance order, rows in their order), at most `batch` each."""
+    rows = prompt_rows.cpu()
+    order = dict.fromkeys(rows.tolist())
+    return [chunk for p in order for chunk in torch.nonzero(rows == p).squeeze(1).split(batch)]

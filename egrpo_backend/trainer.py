@@ -19,7 +19,8 @@ from . import distributed
 from .advantage import advantages
 from .algorithms import branch_starts, train_mask
 from .config import JobSpec
-from .guidance import GuidedVelocity
+from .gradient_sync import GradientSum, pad_to, wrap_for_data_parallel
+from .guidance import GuidedVelocity, prompt_chunks
 from .objective import clipped_objective
 from .policies.base import FlowPolicy
 from .randomness import stream_generator
@@ -86,18 +87,21 @@ class Trainer:
         self.policy, self.spec, self.reward, self.prompts = policy, spec, reward, list(prompts)
         self.algo, self.cfg = spec.algorithm, spec.train
         self.plan = self.algo.plan()
-        params = policy.trainable_parameters()
-        if not params:
+        if not policy.trainable_parameters():
             raise ValueError("the policy has no trainable (LoRA) parameters; call lora.add_lora first")
+        # Data parallel (docs/scale_out.md): each rank rolls out whole prompts; one process is rank 0 of 1.
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        distributed.check_divisible(self.cfg.prompts_per_iteration, self.world)
+        mode = "single" if self.world == 1 else self.cfg.parallel
+        wrap_for_data_parallel(policy.lora_model(), mode, policy.device)  # before the optimizer sees the parameters
+        params = policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.grads = GradientSum(params, policy.lora_model(), mode)
         if policy.device.type == "cuda":
             # cuDNN's attention backward faults (illegal memory access) on H100/H200 with torch 2.11 at
             # FLUX / SD3.5 sizes (bench/results/scale_h200.md); flash / memory-efficient attention do not.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.state = TrainerState()
-        # Data parallel (docs/scale_out.md): each rank rolls out whole prompts; one process is rank 0 of 1.
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        distributed.check_divisible(self.cfg.prompts_per_iteration, self.world)
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
 
     # --- data ----------------------------------------------------------------------------------
@@ -149,29 +153,32 @@ class Trainer:
         return StepResult(metrics, scores.images, prompts)
 
     def score(self, ro: Rollout, prompts: list[str], phases: PhaseTimer) -> Scores:
-        """Decode and reward every member's clean latents, train.decode_batch images at a time."""
+        """Decode and reward every member's clean latents, at most train.decode_batch images of ONE
+        prompt at a time (so a prompt's scores do not depend on the prompts beside it, see GuidedVelocity)."""
         R, n_gran, G = ro.final.shape[0], ro.final.shape[1], self.algo.group_size
         latents = ro.final.flatten(0, 1)  # [R * n_gran, *latent], member-major
-        row_prompts = [prompts[p] for p in ro.member_prompt.repeat_interleave(n_gran).tolist()]
-        keep_rows = min(R, SAMPLE_GROUPS * G) * n_gran
-        combined, components, kept = [], defaultdict(list), []
-        for i in range(0, latents.shape[0], self.cfg.decode_batch):
+        row_prompt = ro.member_prompt.repeat_interleave(n_gran)
+        combined, components = torch.empty(latents.shape[0]), defaultdict(lambda: torch.empty(latents.shape[0]))
+        keep = torch.arange(min(R, SAMPLE_GROUPS * G)) * n_gran  # finest-granularity rows of the first groups
+        kept = torch.empty(0)
+        for rows in prompt_chunks(row_prompt, self.cfg.decode_batch):
             with phases("decode"):
-                images = self.policy.decode(latents[i : i + self.cfg.decode_batch].to(self.policy.device))
+                images = self.policy.decode(latents[rows].to(self.policy.device))
             with phases("reward"):
-                total, parts = self.reward.score(images, row_prompts[i : i + self.cfg.decode_batch])
-            combined.append(total.detach().float().cpu())
+                total, parts = self.reward.score(images, [prompts[p] for p in row_prompt[rows].tolist()])
+            combined[rows] = total.detach().float().cpu()
             for name, value in parts.items():
-                components[name].append(value.detach().float().cpu())
-            if i < keep_rows:
-                finest = [j for j in range(images.shape[0]) if (i + j) % n_gran == 0 and i + j < keep_rows]
-                kept.append(images[finest].detach().float().cpu())
+                components[name][rows] = value.detach().float().cpu()
+            hit = torch.isin(rows, keep)
+            if hit.any():
+                if not kept.numel():
+                    kept = torch.empty(keep.numel(), *images.shape[1:])
+                kept[torch.searchsorted(keep, rows[hit])] = images[hit.to(images.device)].detach().float().cpu()
 
         def to_groups(t):  # [R * n_gran] -> [NG, n_gran, G]
             return t.reshape(R // G, G, n_gran).transpose(1, 2).contiguous()
 
-        return Scores(to_groups(torch.cat(combined)), {k: to_groups(torch.cat(v)) for k, v in components.items()},
-                      torch.cat(kept))
+        return Scores(to_groups(combined), {k: to_groups(v) for k, v in components.items()}, kept)
 
     def _gathered(self, scores: Scores) -> Scores:
         """Every rank's rewards in one-process order (ranks hold consecutive prompts), for the metrics."""
@@ -230,11 +237,17 @@ class Trainer:
             for chunk in self._global_minibatches(ro, units, stream_generator(seed, "shuffle", iteration)):
                 n_trans = int(distributed.all_sum(int((torch.isin(ro.input_id, chunk) & keep).sum())))  # global count
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro in chunk.split(self.cfg.micro_batch) if chunk.numel() else ():  # a rank may hold none
-                    self._backward(ro, adv_t, keep, micro.sort().values, n_trans, velocity, stats)
+                pieces = self._pieces(ro, chunk)
+                runs = pad_to(len(pieces))  # DDP / FSDP: every rank runs as many pieces (padding weighs 0)
+                for i in range(runs):
+                    with self.grads.piece(last=i == runs - 1):
+                        if i < len(pieces):
+                            self._backward(ro, adv_t, keep, pieces[i], n_trans, velocity, stats)
+                        else:
+                            self._padding_backward(ro, adv_t, keep, n_trans, velocity)
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                distributed.sum_gradients(params)
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
                 if not torch.isfinite(norm):
                     raise FloatingPointError("gradient norm is NaN/inf; lower train.lr or check the reward for extreme values")
                 stats["norms"].append(norm.item())
@@ -250,7 +263,21 @@ class Trainer:
             out["kl"] = torch.cat(stats["kls"]).mean().item()
         return out
 
-    def _backward(self, ro: Rollout, adv_t, keep, micro: torch.Tensor, n_trans: int, velocity: GuidedVelocity, stats):
+    def _pieces(self, ro: Rollout, chunk: torch.Tensor) -> list[torch.Tensor]:
+        """A minibatch's local inputs as backward pieces: one prompt's inputs in id order, at most
+        train.micro_batch (gradient_sync explains why a piece never mixes prompts)."""
+        units = chunk.sort().values
+        return [units[rows] for rows in prompt_chunks(ro.input_prompt[units], self.cfg.micro_batch)]
+
+    def _padding_backward(self, ro: Rollout, adv_t, keep, n_trans: int, velocity: GuidedVelocity) -> None:
+        """A zero-weighted backward for a rank with fewer pieces than the others (the collectives
+        must match); neither its NFE nor its statistics count."""
+        nfe = velocity.nfe
+        self._backward(ro, adv_t, keep, ro.input_id[:1], n_trans, velocity, defaultdict(list), weight=0.0)
+        velocity.nfe = nfe
+
+    def _backward(self, ro: Rollout, adv_t, keep, micro: torch.Tensor, n_trans: int, velocity: GuidedVelocity, stats,
+                  weight: float = 1.0):
         """Loss of the transitions whose input is in `micro` (sorted unique input ids), backpropagated."""
         dev = self.policy.device
         t = torch.nonzero(torch.isin(ro.input_id, micro) & keep).squeeze(1)  # [n] transitions
@@ -261,14 +288,14 @@ class Trainer:
         v = velocity(x_in, sigma, ro.input_prompt[micro])
         out = sde_step(x_in[row], v[row], sigma[row], sigma_next, g, x_next=x_next)
         terms = clipped_objective(out.log_prob, ro.log_prob[t].to(dev), adv_t[t].to(dev), self.algo.clip_range)
-        loss = terms.loss.sum() / n_trans
+        loss = weight * terms.loss.sum() / n_trans
         if self.algo.kl_beta > 0:  # reference = the base model (LoRA off)
             with torch.no_grad(), self.policy.lora_disabled():
                 v_ref = velocity(x_in, sigma, ro.input_prompt[micro])
             ref = sde_step(x_in[row], v_ref[row], sigma[row], sigma_next, g, x_next=x_next)
             kl = gaussian_kl(out.mean, ref.mean, out.scale) if self.algo.kl_form == "gaussian" \
                 else flow_grpo_kl(out.mean, ref.mean, g)
-            loss = loss + self.algo.kl_beta * kl.sum() / n_trans
+            loss = loss + weight * self.algo.kl_beta * kl.sum() / n_trans
             stats["kls"].append(kl.detach().cpu())
         loss.backward()
         if not stats["norms"]:  # on-policy check: every ratio before the first optimizer step is 1

@@ -134,11 +134,11 @@ class DiffusersPolicy:
         if missing:
             if self.encoder is None:
                 raise RuntimeError(f"text encoder was released; prompt not cached: {missing[0]!r}")
-            with torch.no_grad():
-                feats = self.encoder(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: _cache_row(v[i : i + 1], self.dtype) for k, v in feats.items()}
-            del feats
+            for p in missing:  # one prompt per call: its features then never depend on the batch it came in
+                with torch.no_grad():
+                    feats = self.encoder([p])
+                self._cache[p] = {k: _cache_row(v, self.dtype) for k, v in feats.items()}
+                del feats
             if self.cond_cache:
                 write_cond_cache(self.cond_cache, self._cache, self.family)
         return {k: torch.cat([self._cache[p][k] for p in prompts]).to(self.device) for k in self._cache[prompts[0]]}
