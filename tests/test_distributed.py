@@ -234,3 +234,38 @@ def test_checkpoint_resumes_on_another_world_size_exactly(tmp_path, straight_one
     got = lora_of(job)
     assert got.keys() == straight_one_rank_lora.keys()
     assert max((got[k] - straight_one_rank_lora[k]).abs().max().item() for k in got) < 1e-6
+
+
+def test_max_restarts_restarts_the_ranks_and_resumes_without_help(tmp_path):
+    """torchrun --max-restarts 1: rank 1 killed after the first checkpoint; torchrun restarts every rank,
+    they resume from the last checkpoint by themselves and the job finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_jobs import tiny_spec
+    from egrpo_backend.config import JobSpec
+    from egrpo_backend.jobs import create_job, read_events, read_status
+
+    job = tmp_path / "job"
+    create_job(JobSpec.from_dict(tiny_spec(8, prompts_per_iteration=2)), job)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    parent = subprocess.Popen([sys.executable, "-m", "egrpo_backend", "run", str(job), "--nproc-per-node", "2",
+                               "--max-restarts", "1", "--quiet"], env=env, cwd=root, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not any(e["type"] == "checkpoint" for e in read_events(job)[0]) and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(_rank_pid(job, 1), signal.SIGKILL)
+        _, err = parent.communicate(timeout=240)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert parent.returncode == 0, err[-3000:]
+    starts = [e for e in read_events(job)[0] if e["type"] == "start"]
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["iteration"] >= 1
+    assert read_status(job)["status"] == "finished" and read_status(job)["iteration"] == 8
