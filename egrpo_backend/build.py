@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import distributed
 from . import lora as lora_lib
 from .config import JobSpec
 from .policies import build_policy, resolve_device, resolve_dtype, source_defaults
@@ -54,7 +55,7 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
                   job_dir: Path | None = None) -> Trainer:
     """A Trainer for `spec`. A given policy (without a LoRA yet) or reward is used instead of building one."""
     if policy is None:
-        device = resolve_device(spec.train.device)
+        device = distributed.rank_device(resolve_device(spec.train.device))
         cond_cache = Path(job_dir) / COND_CACHE if job_dir else None  # a resumed job then needs no text encoder
         policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device), cond_cache=cond_cache)
     if not policy.trainable_parameters():

@@ -3,7 +3,7 @@ the prompt share of each rank, gathers to rank 0 and the cancel broadcast.
 
 One process (no torchrun) is world size 1 and every helper is then a no-op, so the trainer calls them
 unconditionally. A group never spans ranks (each rank rolls out whole prompts), so advantages need no
-communication; only gradients (DDP / FSDP2), metrics and the cancel decision cross ranks.
+communication; only gradients (DDP / FSDP2, gradient_sync.py), metrics and the cancel decision cross ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +35,18 @@ def init(device: torch.device, timeout_s: float) -> bool:
     dist.init_process_group(backend_for(device), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: GPU LOCAL_RANK of its machine under torchrun (one process per GPU)."""
+    if device.type != "cuda" or world_from_env()[2] <= 1:
+        return device
+    local = world_from_env()[1]
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(f"rank with LOCAL_RANK {local} has no GPU: this machine has {torch.cuda.device_count()}; "
+                           f"start at most that many processes per node (--nproc-per-node)")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def teardown() -> None:
@@ -96,18 +108,6 @@ def broadcast_decision(flag: bool) -> bool:
     box = [bool(flag) if is_writer() else None]
     dist.broadcast_object_list(box, src=0)
     return bool(box[0])
-
-
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the ranks' gradients in place (one flat all-reduce). Each rank's loss is already divided by
-    the GLOBAL transition count, so the sum is exactly the one-process gradient."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
 
 
 def all_sum(value: float | int) -> float:

@@ -110,7 +110,7 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
 
     job_dir = Path(job_dir)
     spec = load_spec(job_dir)
-    distributed.init(resolve_device(spec.train.device), spec.train.dist_timeout)
+    distributed.init(distributed.rank_device(resolve_device(spec.train.device)), spec.train.dist_timeout)
     events = EventLog(job_dir) if distributed.is_writer() else _SilentLog()
     cancel = CancelFlag(job_dir)
     _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())

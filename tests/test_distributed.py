@@ -269,3 +269,19 @@ def test_max_restarts_restarts_the_ranks_and_resumes_without_help(tmp_path):
     starts = [e for e in read_events(job)[0] if e["type"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["iteration"] >= 1
     assert read_status(job)["status"] == "finished" and read_status(job)["iteration"] == 8
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """One process per GPU: rank LOCAL_RANK uses cuda:LOCAL_RANK; a machine short of GPUs is named."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.rank_device(cpu) == cpu
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 1 has no GPU.*--nproc-per-node"):
+        distributed.rank_device(torch.device("cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda")
