@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from . import distributed
 from . import lora as lora_lib
 from .atomic import atomic_path, atomic_write_json
 from .job_files import job_subdir
@@ -51,16 +52,20 @@ def latest_checkpoint(job_dir) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path:
+def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path | None:
+    """Every rank calls this (FSDP2 gathers the LoRA and optimizer shards); rank 0 alone writes and
+    gets the checkpoint's folder, the others None."""
+    lora, trainer_state = lora_lib.lora_tensors(trainer.policy.lora_model()), trainer.state_dict()
+    if not distributed.is_writer():
+        return None
     root = job_subdir(job_dir, "checkpoints")
     name = f"iter_{trainer.state.iteration:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     architecture = getattr(trainer.policy, "architecture", None)
-    lora_lib.export_lora(trainer.policy.lora_model(), tmp / "lora.safetensors", "comfy",
-                         metadata=lora_metadata(spec, architecture=architecture))
-    record = {"trainer": trainer.state_dict(), "runner": runner_state, "architecture": architecture}
+    lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture))
+    record = {"trainer": trainer_state, "runner": runner_state, "architecture": architecture}
     with atomic_path(tmp / "state.pt") as part:  # fsynced before the folder is renamed into place
         torch.save(record, part)
     final = root / name

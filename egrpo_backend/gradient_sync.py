@@ -43,15 +43,16 @@ def wrap_for_data_parallel(model: torch.nn.Module, mode: str, device: torch.devi
     elif mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+        for unit in [*transformer_blocks(model), model]:
+            fully_shard(unit)
+            unit.set_gradient_divide_factor(1.0)  # sum, not average: losses are divided by the GLOBAL count
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP shards one at a time (every ModuleList of the model, e.g. a DiT's
-    transformer_blocks / single_transformer_blocks); the rest lives in the root unit."""
-    return [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) for block in module]
+    """The repeated blocks FSDP shards one unit each: the items of the model's top-level ModuleLists
+    (a DiT's transformer_blocks / single_transformer_blocks); the rest lives in the root unit."""
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 class GradientSum:

@@ -182,15 +182,18 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
             events.emit("sample", iteration=it, path=write_sample_grid(job_dir, it, result.images, spec.algorithm.group_size))
         cancelled = distributed.broadcast_decision(bool(cancel))
         stop = cancelled or bool(tripped)
-        if writer and (it % cfg.checkpoint_every == 0 or it == total or stop):
+        if it % cfg.checkpoint_every == 0 or it == total or stop:  # every rank: FSDP2 gathers shards for it
             path = save_checkpoint(job_dir, trainer, spec, {"eval_history": held_out.history})
-            events.emit("checkpoint", iteration=it, path=str(path.relative_to(job_dir)))
+            if writer:
+                events.emit("checkpoint", iteration=it, path=str(path.relative_to(job_dir)))
         if stop:
             status = "cancelled" if cancelled else "stopped"
             break
     bar.close()
     if status == "finished" and distributed.broadcast_decision(bool(cancel)):  # cancelled before its first iteration
         status = "cancelled"
+    if not distributed.broadcast_decision(latest_checkpoint(job_dir) is not None):  # nothing trained yet
+        save_checkpoint(job_dir, trainer, spec, {"eval_history": held_out.history})
     if not writer:
         return {"status": status, "iteration": trainer.state.iteration, "lora": [], "history": trainer.state.history,
                 "eval": held_out.history}
@@ -202,8 +205,6 @@ def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: st
     it = trainer.state.iteration
     if it < spec.train.iterations and status == "finished":
         status = "stopped"  # `until` reached: resumable
-    if latest_checkpoint(job_dir) is None:  # nothing trained (e.g. cancelled before the first iteration)
-        save_checkpoint(job_dir, trainer, spec, {"eval_history": held_out.history})
     paths = [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
     write_reports(job_dir, trainer.state.history, held_out.history)
     (job_dir / "cancel").unlink(missing_ok=True)

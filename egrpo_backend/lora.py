@@ -282,15 +282,30 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 # Canonical tensors in and out
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every rank calls it), else t itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor every rank holds) laid out as `param`: this rank's shard under FSDP2."""
+    if not hasattr(param, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)  # slices, no traffic
+
+
 def lora_tensors(model: nn.Module) -> dict[str, LoraTensors]:
-    """The adapter's weights in canonical form: float32 CPU copies, keyed by module path."""
+    """The adapter's weights in canonical form: float32 CPU copies, keyed by module path (whole
+    tensors under FSDP2: then every rank must call it)."""
     layers = _lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no '{ADAPTER}' LoRA; call add_lora or load_lora_file first")
     out = {}
     for name, layer in layers.items():
-        down = layer.lora_A[ADAPTER].weight.detach().to("cpu", torch.float32).clone()
-        up = layer.lora_B[ADAPTER].weight.detach().to("cpu", torch.float32).clone()
+        down = whole(layer.lora_A[ADAPTER].weight).detach().to("cpu", torch.float32).clone()
+        up = whole(layer.lora_B[ADAPTER].weight).detach().to("cpu", torch.float32).clone()
         alpha = float(layer.lora_alpha[ADAPTER])
         out[name] = LoraTensors(down, up, alpha)
     return out
@@ -335,8 +350,8 @@ def set_lora_tensors(model: nn.Module, tensors: dict[str, LoraTensors]) -> None:
             t = tensors[key]
             model_alpha = float(layer.lora_alpha[ADAPTER])
             up = t.up.to(torch.float32) * (t.alpha / model_alpha) if t.alpha != model_alpha else t.up
-            layer.lora_A[ADAPTER].weight.copy_(t.down)
-            layer.lora_B[ADAPTER].weight.copy_(up)
+            for weight, value in ((layer.lora_A[ADAPTER].weight, t.down), (layer.lora_B[ADAPTER].weight, up)):
+                weight.copy_(like(weight, value.to(weight.device)))
 
 
 # ----------------------------------------------------------------------------------------------

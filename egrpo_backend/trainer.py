@@ -21,6 +21,7 @@ from .algorithms import branch_starts, train_mask
 from .config import JobSpec
 from .gradient_sync import GradientSum, pad_to, wrap_for_data_parallel
 from .guidance import GuidedVelocity, prompt_chunks
+from .lora import like, whole
 from .objective import clipped_objective
 from .policies.base import FlowPolicy
 from .randomness import stream_generator
@@ -306,11 +307,19 @@ class Trainer:
 
     # --- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "iteration": self.state.iteration, "cursor": self.state.cursor,
+        """Whole tensors whatever the world size and mode, so a checkpoint resumes on any (under FSDP2
+        the optimizer's shards are gathered: every rank calls this)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
+        return {"optimizer": optimizer, "iteration": self.state.iteration, "cursor": self.state.cursor,
                 "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd["optimizer"])
+        for p, st in self.optimizer.state.items():  # FSDP2: each rank keeps the shard of its parameters
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    st[k] = like(p, v)
         self.state.iteration, self.state.cursor, self.state.nfe = int(sd["iteration"]), int(sd["cursor"]), int(sd["nfe"])
         self.state.history = list(sd["history"])
         torch.set_rng_state(sd["torch_rng"])

@@ -84,8 +84,8 @@ class Brightness:
         return images.float().mean(dim=(1, 2, 3))
 
 
-def _trainer_run(rank: int, world: int, port: int, out: dict) -> None:
-    from egrpo_backend.lora import LoraSettings, add_lora
+def _trainer_run(rank: int, world: int, port: int, out: dict, parallel: str = "ddp") -> None:
+    from egrpo_backend.lora import LoraSettings, add_lora, lora_tensors
     from egrpo_backend.rewards import WeightedRewards
     from egrpo_backend.trainer import Trainer
     from test_trainer import PROMPTS, small_spec
@@ -99,9 +99,11 @@ def _trainer_run(rank: int, world: int, port: int, out: dict) -> None:
     try:
         policy = make_policy("sd3")
         add_lora(policy.lora_model(), LoraSettings(rank=4, alpha=4.0), seed=0)
-        trainer = Trainer(policy, small_spec(), WeightedRewards([Brightness()], [1.0]), PROMPTS)
+        spec = small_spec()
+        spec.train.parallel = parallel
+        trainer = Trainer(policy, spec, WeightedRewards([Brightness()], [1.0]), PROMPTS)
         metrics = [trainer.step().metrics for _ in range(3)]
-        lora = {n: p.detach().clone() for n, p in policy.lora_model().named_parameters() if "lora_" in n}
+        lora = {k: torch.cat([t.down.flatten(), t.up.flatten()]) for k, t in lora_tensors(policy.lora_model()).items()}
         out[rank] = (metrics, lora)
     finally:
         distributed.teardown()
@@ -111,12 +113,15 @@ def _comparable(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("seconds", "phases")}
 
 
-def test_two_ranks_train_like_one_process():
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process(parallel):
+    """Global prompts_per_iteration 2 over 3 iterations: 1 prompt per rank vs 2 in one process, with
+    DDP (replicated LoRA) and with FSDP2 (base and LoRA sharded per transformer block)."""
     with mp.Manager() as manager:
         out = manager.dict()
         _trainer_run(0, 1, 0, out)
         single_metrics, single_lora = out[0]
-        mp.spawn(_trainer_run, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_trainer_run, args=(2, _free_port(), out, parallel), nprocs=2, join=True)
         ranks = [out[0], out[1]]
     for metrics, lora in ranks:
         for a, b in zip(metrics, single_metrics):
@@ -217,8 +222,8 @@ def straight_one_rank_lora(tmp_path_factory):
     return lora_of(job)
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_checkpoint_resumes_on_another_world_size_exactly(tmp_path, straight_one_rank_lora, first, then):
+@pytest.mark.parametrize("first,then,parallel", [(2, 1, "ddp"), (1, 2, "ddp"), (2, 1, "fsdp"), (1, 2, "fsdp")])
+def test_checkpoint_resumes_on_another_world_size_exactly(tmp_path, straight_one_rank_lora, first, then, parallel):
     """2 iterations on `first` ranks, the 3rd resumed from the checkpoint on `then` ranks, equals 3
     iterations in one process (LoRA within 1e-6; measured bit-equal)."""
     from test_jobs import lora_of, tiny_spec
@@ -226,7 +231,7 @@ def test_checkpoint_resumes_on_another_world_size_exactly(tmp_path, straight_one
     from egrpo_backend.jobs import create_job, read_status
 
     job = tmp_path / "job"
-    create_job(JobSpec.from_dict(tiny_spec(3, prompts_per_iteration=2)), job)
+    create_job(JobSpec.from_dict(tiny_spec(3, prompts_per_iteration=2, parallel=parallel)), job)
     _cli(["run", "--until", "2", *_ranks(first)], job)
     assert read_status(job)["iteration"] == 2 and read_status(job)["world_size"] == first
     _cli(["resume", *_ranks(then)], job)
