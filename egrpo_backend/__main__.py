@@ -15,6 +15,8 @@ from . import job_process  # light (no torch): the job's lock is taken before an
 from .cancel import catch_early_sigterm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
+if os.environ.get(job_process.LOCK_HELD_ENV) == "1" and "LOCAL_RANK" in os.environ:
+    job_process.die_with_parent(parent_marker=b"torch.distributed.run")  # a rank under `--nproc-per-node`
 
 
 @contextmanager
@@ -43,7 +45,9 @@ def _launch_ranks(a) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
                f"--max-restarts={a.max_restarts}", "-m", "egrpo_backend", a.cmd, str(a.job_dir)]
         cmd += (["--until", str(a.until)] if a.until is not None else []) + (["--quiet"] if a.quiet else [])
-        child = subprocess.Popen(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"}, stderr=subprocess.PIPE, text=True)
+        me = os.getpid()
+        child = subprocess.Popen(cmd, env={**os.environ, job_process.LOCK_HELD_ENV: "1"}, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: job_process.die_with_parent(me))  # torchrun dies with this process
         tail = []
         for line in child.stderr:  # pass torchrun's messages on, keeping the failure summary that names the rank
             sys.stderr.write(line)

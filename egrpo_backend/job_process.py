@@ -111,6 +111,31 @@ def holds_lock_here() -> bool:
     return os.environ.get(LOCK_HELD_ENV) != "1" and os.environ.get("RANK", "0") == "0"
 
 
+def die_with_parent(parent_pid: int | None = None, parent_marker: bytes | None = None) -> None:
+    """Linux: this process gets SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), so the ranks of
+    a `--nproc-per-node` job never outlive torchrun, nor torchrun its launching parent. A parent that
+    died before the call is caught by checking it afterwards: a wrong pid (or a parent whose command
+    line lacks `parent_marker`) ends this process at once. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return
+    except (OSError, AttributeError):
+        return
+    ppid = os.getppid()
+    if parent_pid is not None and ppid != parent_pid:
+        os._exit(1)
+    if parent_marker is not None:
+        try:
+            cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if parent_marker not in cmdline:
+            os._exit(1)
+
+
 def claim(job_dir, wait: float = 3.0) -> tuple[JobLock, bool]:
     """Take the job's lock for this process. Returns (lock, newly_taken); a lock this process already
     holds is returned as is (newly_taken False). Raises JobBusy when another process runs the job.
@@ -197,5 +222,5 @@ def signal_owner(job_dir, sig: int = signal.SIGTERM) -> bool:
         return False
 
 
-__all__ = ["CANCEL_FILE", "LOCK_FILE", "JobBusy", "JobLock", "claim", "identity", "job_owner", "job_running",
+__all__ = ["CANCEL_FILE", "LOCK_FILE", "JobBusy", "JobLock", "claim", "die_with_parent", "identity", "job_owner", "job_running",
            "process_started_at", "read_identity", "same_process", "signal_owner"]

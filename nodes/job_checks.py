@@ -126,6 +126,33 @@ def check_device(device: str) -> None:
         raise ValueError(f"device: {e}") from None
 
 
+def check_gpus(gpus: int, device: str, prompts_per_iteration: int) -> None:
+    """gpus > 1 (torchrun, one rank per GPU): the iteration's prompts split evenly over the ranks, and on
+    CUDA each rank needs a GPU of its own that this machine has. CPU ranks (gloo) need no GPU."""
+    if gpus < 1:
+        raise ValueError(f"gpus = {gpus}; set it to 1 (one process) or more")
+    if gpus == 1:
+        return
+    if prompts_per_iteration % gpus:
+        up = -(-prompts_per_iteration // gpus) * gpus
+        raise ValueError(f"gpus = {gpus} needs prompts_per_iteration divisible by {gpus} (every rank rolls out the "
+                         f"same number of whole prompts), got {prompts_per_iteration}; set prompts_per_iteration to "
+                         f"{up} (or another multiple of {gpus}) or change gpus")
+    if device.startswith("cuda:"):
+        raise ValueError(f"gpus = {gpus} with device {device!r}: each rank takes its own GPU; set device to 'cuda' "
+                         "or 'auto'")
+    from egrpo_backend.policies import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        return  # gloo ranks on the CPU
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < gpus:
+        raise ValueError(f"gpus = {gpus} needs {gpus} CUDA devices (one per rank) but this machine has {count}; "
+                         f"set gpus to {max(1, count)} or less, or device to 'cpu' (gloo ranks)")
+
+
 def check_reward_files(rewards: list[dict]) -> None:
     """Model-based rewards need weight files; a missing one is named with where it was looked for."""
     try:

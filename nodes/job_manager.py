@@ -49,6 +49,8 @@ EVENT = "egrpo.event"
 FINAL = ("finished", "cancelled", "stopped", "failed")
 LOG_FILE = "child.log"
 QUEUE_FILE = "queue.json"
+LAUNCH_FILE = "launch.json"  # how the manager starts the job: {"gpus": N} (N > 1: torchrun, one rank per GPU)
+RUN_ENV = "EGRPO_MANAGED_JOB"  # set to the job folder in the child's environment; torchrun's ranks inherit it
 
 
 class JobError(ValueError):
@@ -82,12 +84,16 @@ class _Running:
             try:
                 if sig == signal.SIGKILL:
                     os.killpg(self.proc.pid, sig)  # its own session (start_new_session): the whole group
+                    kill_job_processes(self.path)  # and torchrun's ranks, each in a session of its own
                 else:
                     self.proc.send_signal(sig)
                 return True
             except (ProcessLookupError, PermissionError):
                 return False
-        return job_process.signal_owner(self.path, sig)
+        sent = job_process.signal_owner(self.path, sig)
+        if sent and sig == signal.SIGKILL:
+            kill_job_processes(self.path)
+        return sent
 
 
 class JobManager:
@@ -130,12 +136,16 @@ class JobManager:
         return path
 
     # --- create / queue ------------------------------------------------------------------------
-    def submit(self, spec: dict, job_id: str) -> str:
+    def submit(self, spec: dict, job_id: str, gpus: int = 1) -> str:
         """Create the job (if this id is new) and queue it; an existing id is returned untouched.
 
         This is what makes re-queuing an unchanged graph safe: the node derives the id from a
         hash of its inputs, so the same inputs find the same job, whatever its state.
+        gpus > 1 runs it as `run JOB --nproc-per-node gpus` (torchrun, one rank per GPU), also when resumed.
         """
+        gpus = int(gpus)
+        if gpus < 1:
+            raise ValueError(f"gpus = {gpus}; it must be 1 or more")
         path = self.job_dir(job_id)
         with self._lock:
             if (path / "job.json").is_file():
@@ -146,6 +156,10 @@ class JobManager:
             position = self._queue.append(job_id, "run")  # saved first: a restart then finds it or no job at all
             try:
                 backend_jobs.create_job(spec, path)
+                if gpus > 1:
+                    from egrpo_backend.atomic import atomic_write_json
+
+                    atomic_write_json(path / LAUNCH_FILE, {"gpus": gpus})
             except BaseException:
                 self._queue.remove(job_id)
                 raise
@@ -276,6 +290,7 @@ class JobManager:
         last = self._last.get(job_id) or self._last_metrics(path)
         total = status.get("total") or spec.get("train", {}).get("iterations") or 0
         lora = status.get("lora")
+        world = status.get("world_size") if shown == "running" or not state else None
         return {
             "id": job_id, "name": spec.get("output", {}).get("name", job_id), "status": shown,
             "iteration": status.get("iteration", 0), "total": total,
@@ -283,6 +298,7 @@ class JobManager:
             "eta_seconds": last.get("eta_seconds") if shown == "running" else None,
             "reward_mean": last.get("reward_mean"), "message": message,
             "lora": lora, "lora_name": self.lora_name(lora), "model": spec.get("model", {}).get("source"),
+            "gpus": launch_gpus(path), "world_size": int(world or launch_gpus(path)),
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
             "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
             "files": [f for f in ("plan.png", "reward_curve.png") if (path / f).is_file()],
@@ -512,17 +528,67 @@ class JobManager:
         env = {**os.environ, **self.extra_env}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("HF_HUB_OFFLINE", "1")
+        env[RUN_ENV] = str(path.resolve())  # marks every process of this run, torchrun's ranks included
+        gpus = launch_gpus(path)
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
         log_file = open(path / LOG_FILE, "ab")
         offset = (path / "events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0
-        proc = subprocess.Popen([self.python, "-m", "egrpo_backend", command, str(path), "--quiet"], cwd=str(REPO_ROOT),
+        argv = [self.python, "-m", "egrpo_backend", command, str(path), "--quiet"]
+        argv += ["--nproc-per-node", str(gpus)] if gpus > 1 else []  # the command line's own torchrun launch
+        proc = subprocess.Popen(argv, cwd=str(REPO_ROOT),
                                 env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         # A stale end from an earlier run must not be taken for this run's: from now on the folder says running.
-        backend_jobs.write_status(path, status="running", pid=proc.pid, message="")
+        backend_jobs.write_status(path, status="running", pid=proc.pid, message="", world_size=gpus)
         self._running = _Running(job_id, path, proc, log_file)
         self._running.offset = offset
-        self._emit(job_id, {"type": "process", "pid": proc.pid, "command": command})
+        self._emit(job_id, {"type": "process", "pid": proc.pid, "command": command, "gpus": gpus})
+
+
+def launch_gpus(path: Path) -> int:
+    """The gpus a job was submitted with (launch.json; 1 without it)."""
+    try:
+        return max(1, int(backend_jobs.read_json(path / LAUNCH_FILE, {}).get("gpus", 1)))
+    except (ValueError, TypeError, AttributeError):
+        return 1
+
+
+def job_processes(path: Path) -> list[int]:
+    """Live processes (Linux /proc) this manager started for the job folder, found by the RUN_ENV mark in
+    their environment: the child, torchrun and every rank, whatever session or parent they have now."""
+    mark = f"{RUN_ENV}={Path(path).resolve()}".encode()
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if mark in env:  # a zombie's environ reads empty: only live processes match
+            found.append(int(entry))
+    return found
+
+
+def kill_job_processes(path: Path, wait: float = 10.0) -> list[int]:
+    """SIGKILL every process of the job (job_processes) until none is left or `wait` seconds pass; the
+    pids that were still alive at the end (normally none)."""
+    deadline = time.time() + wait
+    while True:
+        pids = job_processes(path)
+        if not pids or time.time() >= deadline:
+            return pids
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
 
 
 def _mtime(path: Path) -> float:
@@ -537,6 +603,7 @@ def _damaged(job_id: str, reason: str) -> dict:
     """The summary of a job whose folder cannot be read: shown, never hiding the other jobs."""
     return {"id": job_id, "name": job_id, "status": "damaged", "message": reason, "iteration": 0, "total": 0,
             "progress": 0.0, "eta_seconds": None, "reward_mean": None, "lora": None, "lora_name": None, "model": None,
+            "gpus": 1, "world_size": 1,
             "created": None, "updated": None, "resumable": False, "files": [], "samples": []}
 
 

@@ -30,9 +30,10 @@ def _presets() -> list[str]:
     return list(PRESETS)
 
 
-def job_id_for(name: str, spec: dict, identity: dict) -> str:
-    """NAME-<12 hex> from the canonical JSON of the spec and the model files' identity."""
-    blob = json.dumps({"spec": spec, "identity": identity}, sort_keys=True, default=str)
+def job_id_for(name: str, spec: dict, identity: dict, gpus: int = 1) -> str:
+    """NAME-<12 hex> from the canonical JSON of the spec, the model files' identity and (when > 1) gpus."""
+    key = {"spec": spec, "identity": identity, **({"gpus": gpus} if gpus > 1 else {})}  # gpus = 1 keeps its ids
+    blob = json.dumps(key, sort_keys=True, default=str)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -169,6 +170,10 @@ class TrainLoraNode(io.ComfyNode):
                                                                "replace the widgets."),
                 io.Combo.Input("device", options=DEVICES, default="auto", optional=True, advanced=True,
                                tooltip="Where the job trains (auto = CUDA when available)."),
+                io.Int.Input("gpus", default=1, min=1, max=64, optional=True, advanced=True,
+                             tooltip="Data-parallel ranks: more than 1 launches torchrun with one process per GPU "
+                                     "(on CPU: gloo ranks, one thread each). prompts_per_iteration must be "
+                                     "divisible by it; 1 = one process, as before."),
                 io.String.Input("spec_overrides", default="", multiline=True, optional=True, advanced=True,
                                 tooltip="JSON merged into the job spec for settings without an input here, e.g. "
                                         "{\"train\": {\"minibatches\": 4}}. Every key is applied or refused by "
@@ -183,7 +188,7 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, source, reward, name, preset, iterations, group_size, prompts_per_iteration, steps, shift, eta,
                 tau, active, lr, clip_range, lora_rank, seed, prompts=None, model=None, clip=None, vae=None,
                 vae_name="", guidance=ComfySpec.guidance, width=ComfySpec.width, height=ComfySpec.height, plan=None,
-                device="auto", spec_overrides="") -> io.NodeOutput:
+                device="auto", gpus=1, spec_overrides="") -> io.NodeOutput:
         from egrpo_backend.config import JobSpec
         from egrpo_backend.paths import check_name
 
@@ -210,19 +215,20 @@ class TrainLoraNode(io.ComfyNode):
                                       "width": width, "height": height}
         elif prompts is None:
             spec["prompts"] = []
-        job_id = job_id_for(name, spec, identity)
+        job_id = job_id_for(name, spec, identity, gpus)
         job_dir = manager.job_dir(job_id)
         if source == "comfy":
             spec["model"]["comfy"]["cond_cache"] = str(job_dir / "conds.safetensors")
         job = JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
         job_checks.check_prompts(job)
         job_checks.check_device(job.train.device)
+        job_checks.check_gpus(gpus, job.train.device, job.train.prompts_per_iteration)
         job_checks.check_reward_files(job.rewards)
         if source == "comfy" and not (job_dir / "job.json").exists():
             from egrpo_backend.build import texts_to_encode
 
             encode_prompts(clip, texts_to_encode(job), job_dir / "conds.safetensors")  # exactly what the job encodes
-        manager.submit(spec, job_id)
+        manager.submit(spec, job_id, gpus=gpus)
         return io.NodeOutput(job_id, job_id)
 
 

@@ -214,8 +214,9 @@ class RecordingManager:
     def job_dir(self, job_id):
         return self._real.job_dir(job_id)
 
-    def submit(self, spec, job_id):
+    def submit(self, spec, job_id, gpus=1):
         self.submitted.append((job_id, spec))
+        self.gpus = gpus
         return job_id
 
 
@@ -332,6 +333,28 @@ def test_train_node_refuses_eval_prompts_without_a_digit_and_a_missing_cuda(reco
         with pytest.raises(ValueError, match="CUDA is not available"):
             train_nodes.TrainLoraNode.execute(**TRAIN, source="default", device="cuda")
     assert no_job_folder(recording_manager) and not recording_manager.submitted
+
+
+def test_train_node_gpus_input_validates_early_and_reaches_the_manager(recording_manager, monkeypatch):
+    """gpus > 1: prompts_per_iteration must divide, CUDA needs that many devices (CPU gloo ranks need none);
+    the manager gets gpus, and the id differs from the one-process job's (gpus = 1 keeps today's id)."""
+    port = next(i for i in train_nodes.TrainLoraNode.define_schema().inputs if i.id == "gpus")
+    assert port.io_type == "INT" and port.kwargs["default"] == 1 and port.kwargs["min"] == 1 and port.optional
+    assert "torchrun" in port.tooltip and "prompts_per_iteration" in port.tooltip
+    with pytest.raises(ValueError, match=r"gpus = 2 needs prompts_per_iteration divisible by 2.*got 3; set prompts_per_iteration to 4"):
+        train_nodes.TrainLoraNode.execute(**{**TRAIN, "prompts_per_iteration": 3}, source="default", device="cpu", gpus=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"gpus = 2 needs 2 CUDA devices .* has 1; set gpus to 1 or less, or device to 'cpu'"):
+        train_nodes.TrainLoraNode.execute(**{**TRAIN, "prompts_per_iteration": 2}, source="default", device="cuda", gpus=2)
+    assert no_job_folder(recording_manager) and not recording_manager.submitted
+    monkeypatch.undo()
+    one = train_nodes.TrainLoraNode.execute(**{**TRAIN, "prompts_per_iteration": 2}, source="default", device="cpu")
+    assert recording_manager.gpus == 1
+    two = train_nodes.TrainLoraNode.execute(**{**TRAIN, "prompts_per_iteration": 2}, source="default", device="cpu", gpus=2)
+    assert recording_manager.gpus == 2 and one[0] != two[0]
+    (_, s1), (_, s2) = recording_manager.submitted
+    assert one[0] == train_nodes.job_id_for("t", s1, {}) and s1 == s2
 
 
 def test_train_node_refuses_a_model_reward_without_its_weight_files(recording_manager, tmp_path, monkeypatch):

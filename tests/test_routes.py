@@ -102,3 +102,16 @@ def test_state_errors_are_409_and_delete_works(manager):
     assert run(call(manager, "POST", "/egrpo/jobs/nope/cancel"))[0] == 404
     assert run(call(manager, "DELETE", "/egrpo/jobs/job-1"))[0] == 200
     assert not (manager.root / "job-1").exists()
+
+
+def test_job_status_passes_the_world_size_through(manager):
+    """The panel's "N ranks" badge: status.json's world_size (rank 0 writes it); 1 for a one-process job,
+    and a job submitted with gpus reports that number while it waits (launch.json)."""
+    assert json.loads(run(call(manager, "GET", "/egrpo/jobs/job-1"))[1])["world_size"] == 1
+    write_status(manager.root / "job-1", world_size=2)
+    assert json.loads(run(call(manager, "GET", "/egrpo/jobs/job-1"))[1])["world_size"] == 2
+    assert json.loads(run(call(manager, "GET", "/egrpo/jobs"))[1])["jobs"][0]["world_size"] == 2
+    (manager.root / "job-1" / "launch.json").write_text('{"gpus": 4}')
+    write_status(manager.root / "job-1", world_size=None)
+    info = json.loads(run(call(manager, "GET", "/egrpo/jobs/job-1"))[1])
+    assert info["world_size"] == 4 and info["gpus"] == 4

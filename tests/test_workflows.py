@@ -69,3 +69,30 @@ def test_widget_values_line_up_with_the_schema(path):
         expected = sum(i.io_type in WIDGET_TYPES for i in inputs)
         expected += sum(i.io_type == "INT" and i.id in ("seed", "noise_seed") for i in inputs)
         assert len(n.get("widgets_values", [])) == expected, (path.stem, n["type"])
+
+
+def _widget_value_fits(port, value) -> bool:
+    if port.io_type == "INT":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if port.io_type == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if port.io_type == "STRING":
+        return isinstance(value, str)
+    if port.io_type == "BOOLEAN":
+        return isinstance(value, bool)
+    return value in port.kwargs.get("options", [value])  # COMBO
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_widget_value_fits_its_widget(path):
+    """Position by position (the seed's control value skipped): a value inserted or dropped in the middle,
+    e.g. the Train node's gpus after device, shows as a value of the wrong type or an unknown option."""
+    for n in json.loads(path.read_text())["nodes"]:
+        if n["type"] not in OURS:
+            continue
+        values = list(n.get("widgets_values", []))
+        for port in (i for i in OURS[n["type"]].inputs if i.io_type in WIDGET_TYPES):
+            value = values.pop(0)
+            assert _widget_value_fits(port, value), (path.stem, n["type"], port.id, value)
+            if port.io_type == "INT" and port.id in ("seed", "noise_seed"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), (path.stem, port.id)

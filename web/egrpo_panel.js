@@ -119,6 +119,9 @@ function jobRow(job) {
   el("div", { style: { height: "6px", background: "#333", borderRadius: "3px", margin: "4px 0" } },
     el("div", { class: "egrpo-progress", style: { width: `${pct}%`, height: "100%", background: "#4e9af1", borderRadius: "3px" } })),
   el("div", { style: { fontSize: "11px", opacity: 0.8 } },
+    // world_size: the job's data-parallel ranks (status.json; the Train node's gpus while it waits)
+    (job.world_size > 1 ? el("span", { class: "egrpo-world", title: "data-parallel: one process per GPU (torchrun)",
+      style: { background: "#355", borderRadius: "3px", padding: "0 4px", marginRight: "4px" } }, `${job.world_size} ranks`) : null),
     `${job.iteration}/${job.total} it` + (job.reward_mean != null ? ` · reward ${job.reward_mean.toFixed(3)}` : "") +
     (job.eta_seconds != null ? ` · ${fmtEta(job.eta_seconds)}` : "")),
   job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: job.status === "failed" || job.status === "damaged" ? "#f66" : "#aaa" } }, job.message) : null,
