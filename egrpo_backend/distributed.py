@@ -29,11 +29,9 @@ def init(device: torch.device, timeout_s: float) -> bool:
     """Join torchrun's process group; False (and nothing done) for a single process.
 
     The timeout bounds every collective, so a dead rank fails the others instead of hanging them."""
-    rank, local_rank, world = world_from_env()
+    rank, _, world = world_from_env()
     if world <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    if device.type == "cuda" and device.index is None:
-        torch.cuda.set_device(local_rank)  # "cuda" = this rank's own GPU, not every rank on GPU 0
     dist.init_process_group(backend_for(device), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return True
