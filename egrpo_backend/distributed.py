@@ -10,9 +10,34 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+
+_comm_seconds = [0.0]  # this process's seconds in collectives since the last take_comm_seconds()
+
+
+@contextmanager
+def communicating():
+    """Time a blocking collective (waiting for a slower rank counts: it is time the step is not computing)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_comm_seconds(time.perf_counter() - t0)
+
+
+def add_comm_seconds(seconds: float) -> None:
+    _comm_seconds[0] += seconds
+
+
+def take_comm_seconds() -> float:
+    """Seconds in collectives since the last call (the trainer reports them per iteration)."""
+    seconds, _comm_seconds[0] = _comm_seconds[0], 0.0
+    return seconds
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -88,7 +113,8 @@ def gather_to_writer(obj):
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size() if is_writer() else None
-    dist.gather_object(obj, out, dst=0)
+    with communicating():
+        dist.gather_object(obj, out, dst=0)
     return out
 
 
@@ -97,7 +123,8 @@ def all_concat(tensor: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    with communicating():
+        dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
 
 
@@ -106,7 +133,8 @@ def broadcast_decision(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
     box = [bool(flag) if is_writer() else None]
-    dist.broadcast_object_list(box, src=0)
+    with communicating():
+        dist.broadcast_object_list(box, src=0)
     return bool(box[0])
 
 
@@ -114,7 +142,8 @@ def all_sum(value: float | int) -> float:
     if not dist.is_initialized():
         return value
     t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
+    with communicating():
+        dist.all_reduce(t)
     return t.item()
 
 
@@ -123,5 +152,6 @@ def all_objects(obj) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with communicating():
+        dist.all_gather_object(out, obj)
     return out

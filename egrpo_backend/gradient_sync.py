@@ -23,10 +23,13 @@ fewer runs zero-weighted pieces (`pad_to`), as DDP's own uneven-input handling w
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
+from .distributed import add_comm_seconds, communicating
 
 MODES = ("single", "ddp", "fsdp")
 
@@ -96,8 +99,14 @@ class GradientSum:
                  for p, g in zip(bucket.parameters(), bucket.gradients())]
         total = torch.cat(parts)
         dtype = bucket.buffer().dtype
+        t0 = time.perf_counter()
         fut = dist.all_reduce(total, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0].to(dtype))
+
+        def done(f):  # the reduction's latency; DDP overlaps it with the rest of the backward
+            add_comm_seconds(time.perf_counter() - t0)
+            return f.value()[0].to(dtype)
+
+        return fut.then(done)
 
 
 def pad_to(count: int) -> int:
@@ -105,5 +114,6 @@ def pad_to(count: int) -> int:
     if not dist.is_initialized():
         return count
     t = torch.tensor([max(count, 1)], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with communicating():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

@@ -197,6 +197,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"], **{k: v for k, v in upd.items() if k != "nfe"},
             "seconds": sum(p["seconds"] for p in phases.phases.values()), "phases": phases.phases,
         }
+        if self.world > 1:  # time in collectives (gradients, gathers), inside the phases above
+            metrics["comm_seconds"] = distributed.take_comm_seconds()
         if len(scores.components) > 1:
             metrics.update({f"reward/{name}": comp[:, 0].mean().item() for name, comp in scores.components.items()})
         return metrics
