@@ -20,6 +20,7 @@ from .advantage import advantages
 from .algorithms import branch_starts, train_mask
 from .config import JobSpec
 from .guidance import GuidedVelocity
+from .nft_update import NFTUpdate
 from .objective import clipped_objective
 from .policies.base import FlowPolicy
 from .randomness import stream_generator
@@ -99,6 +100,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         distributed.check_divisible(self.cfg.prompts_per_iteration, self.world)
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
+        self.nft = NFTUpdate(self) if self.algo.loss == "nft" else None  # DiffusionNFT's iteration and old policy
 
     # --- data ----------------------------------------------------------------------------------
     def next_prompts(self) -> tuple[list[str], list[int]]:
@@ -122,6 +124,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg.lr, self.cfg.iterations, self.cfg.lr_schedule, self.cfg.warmup_iterations)
         phases = PhaseTimer(self.policy.device)
+        if self.nft:  # DiffusionNFT: ODE rollouts of the old policy, the negative-aware loss (nft_update.py)
+            return self.nft.step(it, phases)
 
         # 1. Rollout: groups of G members per (prompt, branch step); noise per (seed, iteration, prompt slot).
         prompts, slots = distributed.local_share(*self.next_prompts(), self.rank, self.world)  # GLOBAL slots
@@ -280,10 +284,13 @@ class Trainer:
     # --- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "iteration": self.state.iteration, "cursor": self.state.cursor,
-                "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state()}
+                "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state(),
+                **({"nft": self.nft.state_dict()} if self.nft else {})}
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.state.iteration, self.state.cursor, self.state.nfe = int(sd["iteration"]), int(sd["cursor"]), int(sd["nfe"])
         self.state.history = list(sd["history"])
         torch.set_rng_state(sd["torch_rng"])
+        if self.nft:
+            self.nft.load_state_dict(sd.get("nft"))
