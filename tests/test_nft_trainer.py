@@ -164,3 +164,17 @@ def test_a_checkpoint_without_the_old_policy_is_refused_by_nft_and_loads_for_grp
     _, nft = nft_trainer("sd3")
     with pytest.raises(ValueError, match="no DiffusionNFT old-policy copy"):
         nft.load_state_dict(sd)
+
+
+def test_cli_trains_a_job_with_preset_nft(tmp_path):
+    import json
+
+    from egrpo_backend.__main__ import main
+    from egrpo_backend.jobs import read_events
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(nft_job_spec(iterations=1)))
+    assert main(["train", str(path), "--out", str(tmp_path / "job"), "--quiet"]) == 0
+    events, _ = read_events(tmp_path / "job")
+    m = next(e for e in events if e["type"] == "metrics")
+    assert {"nft_loss", "r_mean", "old_policy_decay", "reward_mean"} <= set(m) and "clip_frac" not in m
