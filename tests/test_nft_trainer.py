@@ -178,3 +178,57 @@ def test_cli_trains_a_job_with_preset_nft(tmp_path):
     events, _ = read_events(tmp_path / "job")
     m = next(e for e in events if e["type"] == "metrics")
     assert {"nft_loss", "r_mean", "old_policy_decay", "reward_mean"} <= set(m) and "clip_frac" not in m
+
+
+def _nft_run(rank: int, world: int, port: int, out: dict) -> None:
+    import os
+
+    from test_distributed import Brightness
+    from egrpo_backend import distributed
+    from egrpo_backend.lora import LoraSettings, add_lora
+    from egrpo_backend.rewards import WeightedRewards
+    from egrpo_backend.trainer import Trainer
+    from test_trainer import small_spec
+    from tiny_models import make_policy
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        distributed.init(torch.device("cpu"), 60.0)
+    try:
+        policy = make_policy("sd3")
+        add_lora(policy.lora_model(), LoraSettings(rank=4, alpha=4.0), seed=0)
+        trainer = Trainer(policy, small_spec(preset="nft"), WeightedRewards([Brightness()], [1.0]), PROMPTS)
+        metrics = [trainer.step().metrics for _ in range(2)]
+        out[rank] = (metrics, {n: p.detach().clone() for n, p in zip(trainer.nft.old.names, trainer.nft.old.params)},
+                     trainer.nft.old.state_dict())
+    finally:
+        distributed.teardown()
+
+
+def test_two_ranks_train_nft_like_one_process():
+    """Each rank rolls out and trains its share of the prompts; r uses every rank's rewards, the
+    loss is divided by the global pair count, so 2 gloo ranks compute what one process does."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _comparable, _free_port
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        _nft_run(0, 1, 0, out)
+        single = out[0]
+        mp.spawn(_nft_run, args=(2, _free_port(), out), nprocs=2, join=True)
+        ranks = [out[0], out[1]]
+    for metrics, lora, old in ranks:
+        for a, b in zip(metrics, single[0]):
+            a, b = _comparable(a), _comparable(b)
+            assert a.keys() == b.keys()
+            for k in ("nfe", "nfe_update", "optimizer_steps", "trained_pairs", "lr", "old_policy_decay"):
+                assert a[k] == b[k], k
+            for k, v in b.items():
+                if isinstance(v, float):
+                    assert a[k] == pytest.approx(v, rel=1e-3, abs=1e-5), k
+        for name in lora:  # to float rounding of the gradient sums, as for GRPO (test_distributed)
+            assert (lora[name] - single[1][name]).abs().max() < 3e-5, name
+            assert (old[name] - single[2][name]).abs().max() < 3e-5, name
