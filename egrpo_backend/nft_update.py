@@ -62,19 +62,20 @@ class OldPolicy:
     def __init__(self, params: list[torch.nn.Parameter], names: list[str]):
         self.params, self.names = list(params), list(names)
         self.tensors = {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+        self._trained = [torch.empty_like(p) for p in self.params]  # the trained values while swapped out
 
     @contextlib.contextmanager
     def swapped_in(self):
         with torch.no_grad():
-            trained = [p.detach().clone() for p in self.params]
-            for n, p in zip(self.names, self.params):
+            for n, p, keep in zip(self.names, self.params, self._trained):
+                keep.copy_(p)
                 p.copy_(self.tensors[n])
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, t in zip(self.params, trained):
-                    p.copy_(t)
+                for p, keep in zip(self.params, self._trained):
+                    p.copy_(keep)
 
     def update(self, decay: float) -> None:
         update_old_policy([self.tensors[n] for n in self.names], self.params, decay)
@@ -152,14 +153,21 @@ class NFTUpdate:
         return StepResult(metrics, scores.images, prompts)
 
     def _draws(self, it: int, slots: list[int], K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training sigmas [P G, K] and forward noise [P G, K, *latent], from each prompt's own stream."""
+        """Training sigmas [P G, K] and the seeds of their forward noise [P G, K], from each prompt's own
+        stream. One seed per (member, sigma): a micro-batch draws only its own noise (`_noise`), so memory
+        does not grow with P G K and the draws do not depend on the micro-batch size."""
         t = self.trainer
-        sig, eps = [], []
+        sig, seeds = [], []
         for s in slots:
             gen = stream_generator(t.cfg.seed, "nft", it, s)
             sig.append(nft_timesteps(list(t.plan.sigmas), t.algo.group_size, t.algo.nft_timestep_fraction, gen))
-            eps.append(torch.randn((t.algo.group_size, K, *t.policy.latent_shape), generator=gen))
-        return torch.cat(sig), torch.cat(eps)
+            seeds.append(torch.randint(0, 2**62, (t.algo.group_size, K), generator=gen))
+        return torch.cat(sig), torch.cat(seeds)
+
+    def _noise(self, seeds: torch.Tensor) -> torch.Tensor:
+        """[n] seeds -> [n, *latent] standard normal forward noise eps."""
+        shape = tuple(self.trainer.policy.latent_shape)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds.tolist()])
 
     def _chunks(self, n_local: int, it: int) -> list[tuple[torch.Tensor, int]]:
         """Optimizer-step chunks of this rank's samples (local ids) and each chunk's GLOBAL sample count:
@@ -177,7 +185,7 @@ class NFTUpdate:
         t, algo, dev = self.trainer, self.trainer.algo, self.trainer.policy.device
         nfe_before = velocity.nfe
         K = int((len(t.plan.sigmas) - 1) * algo.nft_timestep_fraction)
-        sigmas, eps = self._draws(it, slots, K)  # [R, K], [R, K, *latent]
+        sigmas, noise_seeds = self._draws(it, slots, K)  # [R, K] each
         params = [p for g in t.optimizer.param_groups for p in g["params"]]
         stats = defaultdict(list)
         for _ in range(t.cfg.inner_epochs):
@@ -187,7 +195,8 @@ class NFTUpdate:
                 pairs = torch.stack(torch.meshgrid(torch.arange(K), chunk, indexing="ij"), -1).reshape(-1, 2)  # [n, (k, i)]
                 step_loss = 0.0
                 for micro in pairs.split(t.cfg.micro_batch):
-                    step_loss += self._backward(x0, r, member_prompt, sigmas, eps, micro, n_pairs, velocity, stats, dev)
+                    step_loss += self._backward(x0, r, member_prompt, sigmas, noise_seeds, micro, n_pairs, velocity,
+                                                stats, dev)
                 distributed.sum_gradients(params)
                 norm = torch.nn.utils.clip_grad_norm_(params, t.cfg.grad_clip)
                 if not torch.isfinite(norm):
@@ -206,13 +215,14 @@ class NFTUpdate:
                     distributed.all_sum(sum(stats[key])) / distributed.all_sum(sum(stats["pairs"])))
         return out
 
-    def _backward(self, x0, r, member_prompt, sigmas, eps, micro: torch.Tensor, n_pairs: int, velocity, stats, dev) -> float:
+    def _backward(self, x0, r, member_prompt, sigmas, noise_seeds, micro: torch.Tensor, n_pairs: int, velocity, stats,
+                  dev) -> float:
         """nft_loss of the pairs `micro` ([n, (k, sample)]), scaled to its share of the chunk's mean, backpropagated."""
         t, algo = self.trainer, self.trainer.algo
         k, i = micro[:, 0], micro[:, 1]
         x0_b = x0[i].to(dev)
         sig = sigmas[i, k].to(dev)  # [n]
-        x_t = forward_noise(x0_b, eps[i, k].to(dev), sig)
+        x_t = forward_noise(x0_b, self._noise(noise_seeds[i, k]).to(dev), sig)
         rows = member_prompt[i]
         with torch.no_grad(), self.old.swapped_in():  # v_old first: swapping after v's forward would break its graph
             v_old = velocity(x_t, sig, rows)

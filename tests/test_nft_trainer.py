@@ -81,20 +81,22 @@ def test_trainer_loss_of_a_hand_set_batch_equals_nft_loss():
     g = torch.Generator().manual_seed(0)
     R, K = 4, 2
     x0 = torch.randn(R, *policy.latent_shape, generator=g)
-    eps = torch.randn(R, K, *policy.latent_shape, generator=g)
+    seeds = torch.arange(R * K).reshape(R, K) + 100  # the forward noise of pair (i, k) is randn(seed [i, k])
     sigmas = torch.tensor([[0.9, 0.3], [0.5, 0.7], [0.2, 0.95], [0.6, 0.4]])
     r = torch.tensor([0.1, 0.9, 0.5, 0.7])
     member_prompt = torch.tensor([0, 0, 1, 1])
     velocity = trainer.velocity_for(PROMPTS[:2])
     pairs = torch.stack(torch.meshgrid(torch.arange(K), torch.arange(R), indexing="ij"), -1).reshape(-1, 2)
     stats = {k: [] for k in ("pairs", "r_mean", "positive_loss", "negative_loss", "old_deviate", "kl")}
-    ours = nft._backward(x0, r, member_prompt, sigmas, eps, pairs, len(pairs), velocity, stats, policy.device)
+    ours = nft._backward(x0, r, member_prompt, sigmas, seeds, pairs, len(pairs), velocity, stats, policy.device)
     grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
 
     k, i = pairs[:, 0], pairs[:, 1]
-    x_t, t = forward_noise(x0[i], eps[i, k], sigmas[i, k]), sigmas[i, k]
+    eps = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(int(s)))
+                       for s in seeds[i, k]])
+    x_t, t = forward_noise(x0[i], eps, sigmas[i, k]), sigmas[i, k]
     trained = [p.detach().clone() for p in params]
     with torch.no_grad():
         for n, p in zip(nft.old.names, params):
