@@ -7,9 +7,10 @@ baseline mirrors its reference code by default; docs/baselines.md gives, per pre
 reference does (file:line), what the preset does, and every difference that is kept.
 
 The trainer reads `train_mask` (train_last_step, train_subset, train_fraction) and `branch_starts`
-(slide_rollback), and the rollout cuts windows at the last active step (window_within_active);
-behaviour whose AlgorithmSpec fields do not exist yet (the DiffusionNFT loss) is in PENDING_PRESETS / PENDING_FIELDS until the
-trainer reads them. The granularity grids are in rollout.py (GRANULARITY_GRIDS).
+(slide_rollback), and the rollout cuts windows at the last active step (window_within_active).
+`loss` picks the update: "grpo" (every preset above) or "nft" (DiffusionNFT: nft_update.py runs the
+whole iteration, ODE rollouts and the negative-aware loss). The granularity grids are in rollout.py
+(GRANULARITY_GRIDS).
 """
 
 from __future__ import annotations
@@ -52,29 +53,17 @@ PRESETS: dict[str, dict] = {
         "tau": 0.0, "active": "0-13", "branch": "sliding", "sde_window": 4, "slide_every": 25,
         "reward_mode": "per_reward", "slide_rollback": True, "window_within_active": True,
     },
-}
-
-# Fields the references need that AlgorithmSpec does not have yet:
-# name -> (type, default, allowed values or None, comment). The defaults keep today's behaviour.
-PENDING_FIELDS: dict[str, tuple] = {
-    "loss": (str, "grpo", ("grpo", "nft"),
-             "grpo: SDE groups + clipped ratio; nft: ODE rollouts + DiffusionNFT loss on noised clean samples"),
-    "nft_beta": (float, 1.0, None, "DiffusionNFT beta (> 0): v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v"),
-    "nft_decay": (int, 1, (0, 1, 2), "DiffusionNFT old-policy EMA schedule, nft.old_policy_decay"),
-    "nft_timestep_fraction": (float, 0.99, None,
-                              "DiffusionNFT: fraction of the grid's sigmas each clean sample is trained at"),
-}
-
-# The values presets give PENDING_FIELDS (and the DiffusionNFT presets, which cannot exist before
-# `loss` does: without it they would silently run as GRPO).
-PENDING_PRESETS: dict[str, dict] = {
-    # DiffusionNFT, single reward (HPS / PickScore / GenEval configs): beta 1, EMA schedule 1.
+    # DiffusionNFT, single reward (HPS / PickScore / GenEval configs): ODE rollouts of the old policy
+    # from independent noise without CFG, r from per-prompt mean / batch std advantages clipped at 5,
+    # beta 1, old-policy EMA schedule 1, trained at int(T x 0.99) sigmas per sample, velocity KL 1e-4.
+    # DiffusionNFT config/nft.py:24 (kl 1e-4), :60-66 (decay 1, beta 1, guidance 1, deterministic),
+    # config/base.py:57, :87 (global std, timestep_fraction 0.99), scripts/train_nft_sd3.py:910-970.
     "nft": {
         "loss": "nft", "nft_beta": 1.0, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,
         "shared_initial_noise": False, "advantage": "prompt_mean_batch_std", "advantage_clip": 5.0,
         "guidance_scale": 1.0, "kl_beta": 1e-4, "granularities": [1],
     },
-    # DiffusionNFT, several rewards summed: beta 0.1.
+    # DiffusionNFT, several rewards summed: beta 0.1 (config/nft.py:137; the OCR config :77 too).
     "nft_multi_reward": {
         "loss": "nft", "nft_beta": 0.1, "nft_decay": 1, "nft_timestep_fraction": 0.99, "tau": 0.0,
         "shared_initial_noise": False, "advantage": "prompt_mean_batch_std", "advantage_clip": 5.0,
@@ -82,6 +71,7 @@ PENDING_PRESETS: dict[str, dict] = {
     },
 }
 
+LOSSES = ("grpo", "nft")  # AlgorithmSpec.loss: grpo = Trainer.update (clipped ratio) | nft = nft_update.NFTUpdate
 
 BRANCH_KINDS = ("active", "sample_active", "random", "sliding", "first")
 BRANCH_WEIGHTINGS = ("uniform", "entropy")

@@ -1,7 +1,8 @@
 """A checkpoint is one record: checkpoints/iter_NNNNNN/{lora.safetensors, state.pt}.
 
 state.pt holds everything a resume needs, in one dict: the trainer's state (iteration, prompt
-cursor, NFE, metrics history, optimizer, RNG), the job runner's state (held-out history) and the
+cursor, NFE, metrics history, optimizer, RNG; with algorithm.loss "nft" also the old-policy
+copy of the LoRA, nft_update.NFTUpdate.state_dict), the job runner's state (held-out history) and the
 base model's architecture; the LoRA's header carries the spec it was made with (provenance.py). lora.safetensors is a usable
 LoRA on its own. The folder is written under a temporary name and renamed whole; latest.json then
 names it. Nothing else stores the iteration.

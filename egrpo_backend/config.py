@@ -140,6 +140,10 @@ class AlgorithmSpec:
     update_mode: str = "averaged"  # averaged (paper: loss averaged over active steps) | per_step (optimizer step per active step)
     guidance_scale: float = 1.0  # classifier-free guidance in rollouts and updates; 1 = off
     negative_prompt: str = ""  # unconditional prompt for CFG
+    loss: str = "grpo"  # grpo: SDE groups + clipped ratio | nft: DiffusionNFT, ODE rollouts + negative-aware loss (nft_update.py)
+    nft_beta: float = 1.0  # nft: beta (> 0) of v+ = (1 - beta) v_old + beta v, v- = (1 + beta) v_old - beta v
+    nft_decay: int = 1  # nft: old-policy EMA schedule 0 | 1 | 2 (nft.old_policy_decay; reference default 1)
+    nft_timestep_fraction: float = 0.99  # nft: each clean sample trains at int(T x this) distinct sigmas of the grid
 
     def __init__(self, preset: str = "egrpo", **values):
         from .algorithms import PRESETS
@@ -195,10 +199,35 @@ class AlgorithmSpec:
         _range("algorithm.kl_beta", self.kl_beta, 0)
         _choice("algorithm.update_mode", self.update_mode, UPDATE_MODES)
         _range("algorithm.guidance_scale", self.guidance_scale, 0)
+        self._validate_nft()
         try:
             self.plan()
         except ValueError as e:
             raise SpecError(f"algorithm: {e}") from None
+
+    def _validate_nft(self) -> None:
+        from .algorithms import LOSSES
+        from .nft import DECAY_TYPES
+
+        _choice("algorithm.loss", self.loss, LOSSES)
+        _range("algorithm.nft_beta", self.nft_beta, 0, lo_open=True)
+        if isinstance(self.nft_decay, bool) or self.nft_decay not in DECAY_TYPES:
+            raise SpecError(f"algorithm.nft_decay = {self.nft_decay!r} is not allowed; valid values: "
+                            f"{', '.join(map(str, DECAY_TYPES))} (the old-policy EMA schedule, nft.old_policy_decay)")
+        _range("algorithm.nft_timestep_fraction", self.nft_timestep_fraction, 0, 1, lo_open=True)
+        if self.loss != "nft":
+            return
+        T = len(self.grid()) - 1
+        if int(T * self.nft_timestep_fraction) < 1:
+            raise SpecError(f"algorithm.nft_timestep_fraction = {self.nft_timestep_fraction!r} trains no sigma of the "
+                            f"{T}-step grid (int(T x fraction) = 0); set it to at least {1 / T:.4g}")
+        if self.guidance_scale != 1.0:
+            raise SpecError(f"algorithm.guidance_scale = {self.guidance_scale!r} is not allowed with loss 'nft': "
+                            "DiffusionNFT samples and trains without CFG; set algorithm.guidance_scale = 1.0")
+        if self.reward_mode != "weighted_sum":
+            raise SpecError(f"algorithm.reward_mode = {self.reward_mode!r} is not allowed with loss 'nft': its "
+                            "optimality probability comes from the weighted sum of the rewards; set "
+                            "algorithm.reward_mode = 'weighted_sum'")
 
     def grid(self) -> list[float]:
         from .schedule import shifted_sigmas

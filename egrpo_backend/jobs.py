@@ -14,7 +14,8 @@ EVENT TYPES (every event has "type" and "time"):
   start       iteration, total, resumed, plan (the plan's JSON), device
   metrics     iteration, total, reward_mean, reward_std, adv_*, ratio_*, clip_frac, grad_norm, nfe,
               nfe_update, nfe_total, seconds, phases {rollout|decode|reward|update: seconds,
-              peak_mem_gb}, loss, lr, eta_seconds
+              peak_mem_gb}, loss, lr, eta_seconds; with algorithm.loss "nft" instead of ratio_*, clip_frac
+              and loss: nft_loss, r_mean, positive_loss, negative_loss, old_policy_decay (nft_update.py)
   eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
   checkpoint  iteration, path
   sample      iteration, path
@@ -170,7 +171,8 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
         events.emit("metrics", total=cfg.iterations, eta_seconds=rate * (cfg.iterations - it), **m)
         _writer_status(job_dir, iteration=it, total=cfg.iterations)
         bar.update(1)
-        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m['clip_frac']:.2f}")
+        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", **({"clip": f"{m['clip_frac']:.2f}"} if "clip_frac" in m
+                                                           else {"nft_loss": f"{m['nft_loss']:.4f}"}))
         tripped = None
         if held_out.due(it):
             entry = held_out.run()

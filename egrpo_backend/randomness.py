@@ -3,7 +3,8 @@
 Purposes: "rollout" (index = the prompt's slot in the prompt stream, so a prompt's noise does not
 depend on which prompts share its batch, process or rank), "branch" (where groups branch),
 "subset" (which transitions a DanceGRPO-style update trains), "shuffle" (minibatch order),
-"prompt_order" (iteration = the epoch of the prompt stream). A run resumed at iteration k draws
+"prompt_order" (iteration = the epoch of the prompt stream), "nft" (DiffusionNFT's training sigmas and
+forward noise; index = the prompt's slot, like "rollout"). A run resumed at iteration k draws
 exactly what a straight run draws there. Hashing keeps these seeds far from the small seeds that
 held-out evaluation uses (10000 + i).
 """
@@ -14,7 +15,7 @@ import hashlib
 
 import torch
 
-PURPOSES = ("rollout", "branch", "subset", "shuffle", "prompt_order")
+PURPOSES = ("rollout", "branch", "subset", "shuffle", "prompt_order", "nft")
 
 
 def stream_generator(seed: int, purpose: str, iteration: int, index: int = 0) -> torch.Generator:

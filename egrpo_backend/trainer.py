@@ -22,6 +22,7 @@ from .config import JobSpec
 from .gradient_sync import GradientSum, pad_to, wrap_for_data_parallel
 from .guidance import GuidedVelocity, prompt_chunks
 from .lora import like, whole
+from .nft_update import NFTUpdate
 from .objective import clipped_objective
 from .policies.base import FlowPolicy
 from .randomness import stream_generator
@@ -104,6 +105,7 @@ class Trainer:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.state = TrainerState()
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
+        self.nft = NFTUpdate(self) if self.algo.loss == "nft" else None  # DiffusionNFT's iteration and old policy
 
     # --- data ----------------------------------------------------------------------------------
     def next_prompts(self) -> tuple[list[str], list[int]]:
@@ -127,6 +129,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg.lr, self.cfg.iterations, self.cfg.lr_schedule, self.cfg.warmup_iterations)
         phases = PhaseTimer(self.policy.device)
+        if self.nft:  # DiffusionNFT: ODE rollouts of the old policy, the negative-aware loss (nft_update.py)
+            return self.nft.step(it, phases)
 
         # 1. Rollout: groups of G members per (prompt, branch step); noise per (seed, iteration, prompt slot).
         prompts, slots = distributed.local_share(*self.next_prompts(), self.rank, self.world)  # GLOBAL slots
@@ -240,21 +244,10 @@ class Trainer:
             for chunk in self._global_minibatches(ro, units, stream_generator(seed, "shuffle", iteration)):
                 n_trans = int(distributed.all_sum(int((torch.isin(ro.input_id, chunk) & keep).sum())))  # global count
                 self.optimizer.zero_grad(set_to_none=True)
-                pieces = self._pieces(ro, chunk)
-                runs = pad_to(len(pieces))  # DDP / FSDP: every rank runs as many pieces (padding weighs 0)
-                for i in range(runs):
-                    with self.grads.piece(last=i == runs - 1):
-                        if i < len(pieces):
-                            self._backward(ro, adv_t, keep, pieces[i], n_trans, velocity, stats)
-                        else:
-                            self._padding_backward(ro, adv_t, keep, n_trans, velocity)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-                if not torch.isfinite(norm):
-                    raise FloatingPointError("gradient norm is NaN/inf; lower train.lr or check the reward for extreme values")
-                stats["norms"].append(norm.item())
-                self.optimizer.step()
+                self.accumulate(self._pieces(ro, chunk),
+                                lambda piece: self._backward(ro, adv_t, keep, piece, n_trans, velocity, stats),
+                                lambda: self._padding_backward(ro, adv_t, keep, n_trans, velocity))
+                self.optimizer_step(stats)
         stats = _gathered_stats(stats)
         ratio = torch.cat(stats["ratios"])
         out = {"ratio_mean": ratio.mean().item(), "ratio_max_dev": (ratio - 1).abs().max().item(),
@@ -265,6 +258,24 @@ class Trainer:
         if stats["kls"]:
             out["kl"] = torch.cat(stats["kls"]).mean().item()
         return out
+
+    def accumulate(self, pieces: list, backward, padding) -> None:
+        """One optimizer step's gradient: backward(piece) for every piece, summed by GradientSum. Under DDP /
+        FSDP every rank runs as many pieces (the collectives must match): padding() runs a zero-weighted one."""
+        runs = pad_to(len(pieces))
+        for i in range(runs):
+            with self.grads.piece(last=i == runs - 1):
+                backward(pieces[i]) if i < len(pieces) else padding()
+
+    def optimizer_step(self, stats) -> None:
+        """Clip the gradient norm (recorded in stats["norms"]), refuse a NaN/inf one, step."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        if not torch.isfinite(norm):
+            raise FloatingPointError("gradient norm is NaN/inf; lower train.lr or check the reward for extreme values")
+        stats["norms"].append(norm.item())
+        self.optimizer.step()
 
     def _pieces(self, ro: Rollout, chunk: torch.Tensor) -> list[torch.Tensor]:
         """A minibatch's local inputs as backward pieces: one prompt's inputs in id order, at most
@@ -314,7 +325,8 @@ class Trainer:
         optimizer = self.optimizer.state_dict()
         optimizer["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
         return {"optimizer": optimizer, "iteration": self.state.iteration, "cursor": self.state.cursor,
-                "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state()}
+                "nfe": self.state.nfe, "history": self.state.history, "torch_rng": torch.get_rng_state(),
+                **({"nft": self.nft.state_dict()} if self.nft else {})}
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd["optimizer"])
@@ -325,3 +337,5 @@ class Trainer:
         self.state.iteration, self.state.cursor, self.state.nfe = int(sd["iteration"]), int(sd["cursor"]), int(sd["nfe"])
         self.state.history = list(sd["history"])
         torch.set_rng_state(sd["torch_rng"])
+        if self.nft:
+            self.nft.load_state_dict(sd.get("nft"))

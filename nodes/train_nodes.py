@@ -129,7 +129,9 @@ class TrainLoraNode(io.ComfyNode):
                                                                     "in loras/egrpo/NAME.safetensors."),
                 io.Combo.Input("preset", options=_presets(), default="egrpo",
                                tooltip="Algorithm: egrpo (paper), egrpo_fast, granular, dance, flowgrpo, flowgrpo_fast, "
-                                       "mixgrpo. The widgets below override the preset's values."),
+                                       "mixgrpo, nft / nft_multi_reward (DiffusionNFT: ODE rollouts, no CFG; eta, tau, "
+                                       "active and clip_range do not apply). The widgets below override the preset's "
+                                       "values."),
                 io.Int.Input("iterations", default=20, min=1, max=100000, tooltip="Outer iterations (rollout -> reward "
                                                                                    "-> update)."),
                 io.Int.Input("group_size", default=8, min=2, max=256, tooltip="G: images per group (same prompt, "

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from egrpo_backend.advantage import advantages
-from egrpo_backend.algorithms import (PENDING_FIELDS, PENDING_PRESETS, PRESETS, branch_starts, coarse_grid_authors,
-                                      sliding_window, train_mask, trained_count)
+from egrpo_backend.algorithms import (LOSSES, PRESETS, branch_starts, coarse_grid_authors, sliding_window, train_mask,
+                                      trained_count)
 from egrpo_backend.config import AlgorithmSpec, JobSpec
 from egrpo_backend.guidance import GuidedVelocity
 from egrpo_backend.rollout import coarse_grid, expected_nfe, finish_grid, rollout
@@ -214,17 +214,12 @@ def test_flow_grpo_kl_at_a_hand_computed_point():
     torch.testing.assert_close(ours * dt, flow_grpo_kl(mean_p, mean_q, g))
 
 
-def test_pending_fields_are_new_and_pending_presets_use_allowed_values():
+def test_every_preset_is_a_valid_spec_and_names_its_loss():
     existing = {f.name for f in dataclasses.fields(AlgorithmSpec)}
-    assert not set(PENDING_FIELDS) & existing, "field now in AlgorithmSpec: move its values into PRESETS"
-    for preset, values in PENDING_PRESETS.items():
-        for key, value in values.items():
-            assert key in existing or key in PENDING_FIELDS, (preset, key)
-            if key in PENDING_FIELDS:
-                kind, _, allowed, _ = PENDING_FIELDS[key]
-                assert isinstance(value, kind) and (allowed is None or value in allowed), (preset, key, value)
-    for name, (kind, default, allowed, comment) in PENDING_FIELDS.items():
-        assert isinstance(default, kind) and comment and (allowed is None or default in allowed), name
+    for preset, values in PRESETS.items():
+        assert set(values) <= existing, preset
+        assert algo(preset).loss in LOSSES
+    assert {p for p in PRESETS if algo(p).loss == "nft"} == {"nft", "nft_multi_reward"}
 
 
 def test_wired_reference_fields_per_preset_and_their_validation():

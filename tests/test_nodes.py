@@ -187,6 +187,17 @@ def test_score_images_node():
     assert s0 > s1
 
 
+def test_train_node_offers_the_nft_presets_and_their_spec_validates():
+    """The preset combo is algorithms.PRESETS, DiffusionNFT included; the node's widgets (tau, eta,
+    active, clip_range) are accepted and ignored by loss 'nft'."""
+    from egrpo_backend.config import JobSpec
+
+    preset = next(i for i in train_nodes.TrainLoraNode.define_schema().inputs if i.id == "preset")
+    assert {"nft", "nft_multi_reward"} <= set(preset.kwargs["options"])
+    spec = train_nodes.build_spec(source="default", prompts=None, **{**TRAIN, "preset": "nft"})
+    assert JobSpec.from_dict(spec).algorithm.loss == "nft"
+
+
 def test_train_spec_and_job_id_are_deterministic():
     """The job id hashes the spec: same inputs, same id; a new seed, a new id."""
     kw = dict(source="default", name="t", reward=[{"name": "digit_probability", "weight": 1.0}], prompts=None,
