@@ -42,7 +42,9 @@ def _launch_ranks(a) -> int:
     import subprocess
 
     with _running_job(_job_dir(a.job_dir)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
+        # --standalone: a c10d rendezvous on a free port, so two jobs never collide on one port, and each
+        # restart round gets fresh store keys (the static default hands restarted ranks stale peer addresses)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc_per_node}",
                f"--max-restarts={a.max_restarts}", "-m", "egrpo_backend", a.cmd, str(a.job_dir)]
         cmd += (["--until", str(a.until)] if a.until is not None else []) + (["--quiet"] if a.quiet else [])
         me = os.getpid()

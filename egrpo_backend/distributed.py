@@ -57,8 +57,15 @@ def init(device: torch.device, timeout_s: float) -> bool:
     rank, _, world = world_from_env()
     if world <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    from torch.distributed.rendezvous import rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(rendezvous("env://", rank, world, timeout=timeout))
+    # torchrun keeps one key-value store across the restarts of --max-restarts; without a per-attempt prefix
+    # a restarted rank can read the dead attempt's peer addresses and the group never connects
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend_for(device), store=dist.PrefixStore(f"egrpo/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
     return True
 
 
@@ -74,9 +81,19 @@ def rank_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local)
 
 
-def teardown() -> None:
+def teardown(together: bool = True) -> None:
+    """Leave the group; `together` after a clean end (a failing rank leaves at once: its peers are not
+    coming to a barrier). gloo's worker threads release each finished collective's tensors a moment
+    after the caller sees it complete; if the interpreter is already shutting down then, the release cannot
+    take the GIL and the rank aborts (a finished job reported as a failed rank). So: a barrier (every rank's
+    collectives are done) and a short GIL-free pause for those releases before the group goes."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+                time.sleep(0.2)
+        finally:
+            dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -116,17 +116,20 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     cancel = CancelFlag(job_dir)
     _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
     threads = torch.get_num_threads()
+    ended_cleanly = False
     try:
         if spec.train.threads:  # the thread count changes float reduction order: part of a run's identity
             torch.set_num_threads(spec.train.threads)
-        return _run(job_dir, spec, events, cancel, until, progress and distributed.is_writer())
+        result = _run(job_dir, spec, events, cancel, until, progress and distributed.is_writer())
+        ended_cleanly = True
+        return result
     except BaseException as e:
         _record_failure(job_dir, events, e)
         raise
     finally:
         cancel.restore()
         torch.set_num_threads(threads)
-        distributed.teardown()
+        distributed.teardown(together=ended_cleanly)
 
 
 def _record_failure(job_dir: Path, events: EventLog, error: BaseException) -> None:
