@@ -174,19 +174,20 @@ def run_one(task: dict) -> dict:
     grad = count_grad_rows(trainer.policy)
     sigmas, pending = eval_sigmas(), checkpoints(task["budget_nfe"], task["budget_wall"], task["nfe_fractions"],
                                                  task["wall_fractions"])
-    evals, seconds, cost = [], 0.0, 0
+    evals, seconds, cpu, cost = [], 0.0, 0.0, 0
     while pending:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trainer.step()
-        seconds += time.perf_counter() - t0
+        seconds, cpu = seconds + time.perf_counter() - t0, cpu + time.process_time() - c0
         cost = weighted_cost(trainer.state.nfe, grad["rows"])
-        hit = marks_crossed(pending, cost, seconds)
+        hit = marks_crossed(pending, cost, cpu if task.get("clock") == "cpu" else seconds)
         if hit:
             pending = [p for p in pending if p[0] not in hit]
-            evals.append({"marks": hit, "cost": cost, "seconds": seconds, "iteration": trainer.state.iteration,
-                          **held_out(trainer.policy, trainer.reward, sigmas)})
+            evals.append({"marks": hit, "cost": cost, "seconds": seconds, "cpu_seconds": cpu,
+                          "iteration": trainer.state.iteration, **held_out(trainer.policy, trainer.reward, sigmas)})
     hist = trainer.state.history
-    return {"name": task["name"], "seed": task["seed"], "cost": cost, "seconds": seconds, "nfe": trainer.state.nfe,
+    return {"name": task["name"], "seed": task["seed"], "cost": cost, "seconds": seconds, "cpu_seconds": cpu,
+            "nfe": trainer.state.nfe,
             "nfe_rollout": sum(m["nfe"] for m in hist), "nfe_update": sum(m["nfe_update"] for m in hist),
             "grad_rows": grad["rows"], "iterations": trainer.state.iteration, "evals": evals}
 
@@ -229,6 +230,7 @@ def summarise(runs: list[dict], mark: str, base: dict) -> dict:
             "diversity": div, "diversity_pct_base": 100 * div / base["diversity"],
             "nearest_real": float(np.mean([e["nearest_real"] for e in es])),
             "cost": float(np.mean([e["cost"] for e in es])), "seconds": float(np.mean([e["seconds"] for e in es])),
+            "cpu_seconds": float(np.mean([e["cpu_seconds"] for e in es])),
             "iterations": float(np.mean([e["iteration"] for e in es])),
         }
     return table
@@ -256,17 +258,17 @@ def curves(runs: list[dict], base: dict, x: str) -> dict:
 # --- output ---------------------------------------------------------------------------------------
 def table_md(rows: dict, base: dict, real: dict) -> list[str]:
     """A markdown table, best reward first; base and real digits on top; collapse marked."""
-    lines = ["| method | held-out reward | 95% CI | per seed | judge acc. | diversity (% of base) | nearest real | cost (NFE) | train s |",
-             "|---|---|---|---|---|---|---|---|---|",
+    lines = ["| method | held-out reward | 95% CI | per seed | judge acc. | diversity (% of base) | nearest real | cost (NFE) | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| real digits | {real['reward_mean']:.3f} | | | {real['judge_accuracy']:.3f} | {real['diversity']:.2f} "
-             f"({100 * real['diversity'] / base['diversity']:.0f}%) | {real['nearest_real']:.2f} | | |",
+             f"({100 * real['diversity'] / base['diversity']:.0f}%) | {real['nearest_real']:.2f} | | | |",
              f"| base | {base['reward_mean']:.3f} | [{base['reward_ci'][0]:.3f}, {base['reward_ci'][1]:.3f}] | | "
-             f"{base['judge_accuracy']:.3f} | {base['diversity']:.2f} (100%) | {base['nearest_real']:.2f} | 0 | 0 |"]
+             f"{base['judge_accuracy']:.3f} | {base['diversity']:.2f} (100%) | {base['nearest_real']:.2f} | 0 | 0 | 0 |"]
     for m, v in sorted(rows.items(), key=lambda kv: -kv[1]["reward_mean"]):
         flag = " collapsed" if v["diversity_pct_base"] < 100 * COLLAPSE_FRACTION else ""
         lines.append(f"| {m} | {v['reward_mean']:.3f} | [{v['reward_ci'][0]:.3f}, {v['reward_ci'][1]:.3f}] | "
                      f"{', '.join(f'{x:.3f}' for x in v['per_seed'])} | {v['judge_accuracy']:.3f} | {v['diversity']:.2f} "
-                     f"({v['diversity_pct_base']:.0f}%{flag}) | {v['nearest_real']:.2f} | {v['cost']:.0f} | {v['seconds']:.0f} |")
+                     f"({v['diversity_pct_base']:.0f}%{flag}) | {v['nearest_real']:.2f} | {v['cost']:.0f} | {v['seconds']:.0f} | {v['cpu_seconds']:.0f} |")
     return lines
 
 
@@ -323,9 +325,11 @@ def write_md(name: str, lines: list[str], out: Path = RESULTS) -> None:
     print("\n".join(lines))
 
 
-def parallel_note(workers: int) -> str:
-    return (f"{workers} worker processes of one thread each, run in parallel on this machine; wall time is "
-            "seconds inside trainer.step() (held-out evaluation excluded), so it depends on the machine and its load.")
+def clock_note(workers: int, clock: str) -> str:
+    return (f"{workers} worker processes of one thread each, in parallel on this machine. Time is spent inside "
+            "trainer.step() only (held-out evaluation excluded): wall s = elapsed seconds, CPU s = the process's CPU "
+            "seconds (= wall s on an otherwise idle core; lower when other processes share the cores). "
+            f"The time budget uses {'CPU' if clock == 'cpu' else 'wall'} seconds.")
 
 
 def cost_note() -> str:
