@@ -1,6 +1,6 @@
 """Every method on the embedded default at equal cost AND at equal wall time, several seeds.
 
-    nice -n 5 python bench/compare.py [--budget-nfe 20000] [--budget-seconds 40] [--clock wall|cpu] [--seeds 3] [--workers 2]
+    nice -n 5 python bench/compare.py [--budget-nfe 20000] [--budget-seconds 24] [--clock wall|cpu] [--seeds 3] [--workers 2]
                                       [--methods egrpo,mixgrpo,...]
 
 Each run trains until it has spent BOTH budgets and is evaluated (200 held-out prompt/seed pairs)
@@ -39,7 +39,7 @@ def default_methods() -> list[str]:
 def main(argv=None, out=common.RESULTS) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-nfe", type=int, default=20000, help="weighted model evaluations per run")
-    ap.add_argument("--budget-seconds", type=float, default=40.0, help="training seconds per run")
+    ap.add_argument("--budget-seconds", type=float, default=24.0, help="training seconds per run")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="what the time budget counts: wall seconds, or CPU seconds (robust when other jobs share the cores)")
     ap.add_argument("--seeds", type=int, default=3)
