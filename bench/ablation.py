@@ -42,7 +42,7 @@ def main(argv=None, out=common.RESULTS) -> dict:
                          "grad_weight": common.GRAD_WEIGHT, "wall_minutes": (time.time() - t0) / 60},
             "judge": {**common.JUDGE, "test_accuracy": common.judge_test_accuracy()}, "base": base, "real": real,
             "equal_nfe": table, "frontier": common.frontier(runs, FRACTIONS, base),
-            "curves": {x: common.curves(runs, base, x) for x in ("cost", "seconds")}, "runs": runs}
+            "curves": {x: common.curves(runs, base, x) for x in ("cost", "cpu_seconds")}, "runs": runs}
     common.write_json("ablation", data, out)
     common.plot_curves(data, out / "ablation.png", f"E-GRPO ablation, {a.seeds} seeds")
     lines = [f"# E-GRPO ablation, one factor at a time ({a.budget_nfe} NFE, {a.seeds} seeds)", "",

@@ -244,7 +244,7 @@ def frontier(runs: list[dict], fractions, base: dict) -> dict:
 
 
 def curves(runs: list[dict], base: dict, x: str) -> dict:
-    """Per method, the seed-averaged held-out reward against x ("cost" or "seconds"), from the base at 0."""
+    """Per method, the seed-averaged held-out reward against x ("cost", "seconds" or "cpu_seconds"), from the base at 0."""
     import numpy as np
 
     out = {}
@@ -276,11 +276,14 @@ def plot_curves(data: dict, path: Path, title: str) -> None:
     """Held-out reward against cost (left) and against training seconds (right), one line per method."""
     from egrpo_backend.plots import _figure, _save
 
+    labels = {"cost": "cost: weighted model evaluations (NFE)", "seconds": "training wall seconds",
+              "cpu_seconds": "training CPU seconds"}
     plt, fig = _figure(11, 4)
-    for k, (x, label) in enumerate((("cost", "cost: weighted model evaluations (NFE)"), ("seconds", "training seconds"))):
+    for k, x in enumerate(data["curves"]):
         ax = fig.add_subplot(1, 2, k + 1)
-        for name, pts in data["curves"][x].items():
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        for i, (name, pts) in enumerate(data["curves"][x].items()):
+            ax.plot(*zip(*pts), marker="o", ms=3, ls="-" if i < 10 else "--", label=name)
+        label = labels[x]
         ax.set_xlabel(label)
         ax.set_ylabel("held-out p(named digit)")
         ax.grid(alpha=0.3)
@@ -296,9 +299,9 @@ def plot_frontier(data: dict, path: Path, title: str) -> None:
     plt, fig = _figure(7, 5)
     ax = fig.add_subplot(111)
     base, real = data["base"], data["real"]
-    for name, pts in data["frontier"].items():
+    for i, (name, pts) in enumerate(data["frontier"].items()):
         xs, ys = [base["diversity"]] + [p[1] for p in pts], [base["reward_mean"]] + [p[2] for p in pts]
-        line, = ax.plot(xs, ys, marker="o", ms=3, label=name)
+        line, = ax.plot(xs, ys, marker="o", ms=3, ls="-" if i < 10 else "--", label=name)
         ax.plot(xs[-1], ys[-1], marker="o", ms=7, color=line.get_color())  # the full budget
     ax.plot(base["diversity"], base["reward_mean"], marker="*", ms=14, color="k", ls="", label="base model")
     ax.axvline(COLLAPSE_FRACTION * base["diversity"], color="gray", ls="--", lw=1, label="95% of base diversity")

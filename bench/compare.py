@@ -59,7 +59,7 @@ def main(argv=None, out=common.RESULTS) -> dict:
             "judge": {**common.JUDGE, "test_accuracy": common.judge_test_accuracy()}, "base": base, "real": real,
             "equal_nfe": common.summarise(runs, "nfe@1", base), "equal_wall": common.summarise(runs, "wall@1", base),
             "frontier": common.frontier(runs, FRACTIONS, base),
-            "curves": {x: common.curves(runs, base, x) for x in ("cost", "seconds")}, "runs": runs}
+            "curves": {x: common.curves(runs, base, x) for x in ("cost", "cpu_seconds" if a.clock == "cpu" else "seconds")}, "runs": runs}
     common.write_json("compare", data, out)
     common.plot_curves(data, out / "compare.png", f"Held-out reward, {a.seeds} seeds")
     common.plot_frontier(data, out / "compare_frontier.png",
