@@ -1,33 +1,83 @@
-"""Every method on the embedded default at an equal budget of model evaluations (NFE), several seeds.
+"""Every method on the embedded default at equal cost AND at equal wall time, several seeds.
 
-    python bench/compare.py [--budget 30000] [--seeds 3] [--workers 2]
+    nice -n 5 python bench/compare.py [--budget-nfe 20000] [--budget-seconds 24] [--clock wall|cpu] [--seeds 3] [--workers 2]
+                                      [--methods egrpo,mixgrpo,...]
 
-Writes bench/results/compare.{json,png,md}: {"base": {...}, "methods": {NAME: {"reward_mean",
-"reward_ci", "nfe", "seconds", "curve": [[nfe, reward], ...], ...}}}. NFE counts every model
-evaluation of rollouts and updates (CFG would count twice); held-out evaluation is not counted.
+Each run trains until it has spent BOTH budgets and is evaluated (200 held-out prompt/seed pairs)
+right after the iterations that cross 25/50/75/100% of the cost budget and 100% of the wall budget.
+Cost = model evaluations weighted by what they do: a forward without gradients (rollout, KL
+reference) counts 1, a forward with backward counts 3; for the GRPO presets that is rollout NFE +
+3 x update forwards (bench/common.py). Time = seconds inside trainer.step() on this machine, held-out
+evaluation excluded: wall seconds by default, or the process's CPU seconds (--clock cpu), which
+equal wall seconds on an idle core and stay fair when other jobs share the cores. The seven GRPO presets run by default, and `nft` joins them
+automatically once it is in algorithms.PRESETS; --methods picks others.
+
+Writes bench/results/compare.{json,md,png} and compare_frontier.png (held-out reward against
+within-digit diversity at 25/50/75/100% of the cost budget). Judge: an RBF SVC on real digits.
 """
 
-import argparse
+from __future__ import annotations
 
-from common import base_reward, run_all, summarise, write_results
+import argparse
+import time
+
+import common
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
 
 METHODS = ["egrpo", "egrpo_fast", "granular", "dance", "flowgrpo", "flowgrpo_fast", "mixgrpo"]
 
 
-def main():
+def default_methods() -> list[str]:
+    """The seven GRPO presets, and DiffusionNFT once `nft` is in algorithms.PRESETS."""
+    from egrpo_backend.algorithms import PRESETS
+
+    return METHODS + (["nft"] if "nft" in PRESETS else [])
+
+
+def main(argv=None, out=common.RESULTS) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--budget", type=int, default=30000, help="NFE per run")
+    ap.add_argument("--budget-nfe", type=int, default=20000, help="weighted model evaluations per run")
+    ap.add_argument("--budget-seconds", type=float, default=24.0, help="training seconds per run")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="what the time budget counts: wall seconds, or CPU seconds (robust when other jobs share the cores)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="parallel runs, one CPU thread each")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    a = ap.parse_args()
-    methods = a.methods.split(",")
-    every = max(1, a.budget // 5)
-    tasks = [(m, m, {}, s, a.budget, every) for s in range(a.seeds) for m in methods]
-    print(f"{len(tasks)} runs of {a.budget} NFE on {a.workers} workers")
-    data = {"base": base_reward(), "methods": summarise(run_all(tasks, a.workers)),
-            "settings": {"budget_nfe": a.budget, "seeds": a.seeds}}
-    write_results("compare", data, f"Held-out reward at equal NFE ({a.budget}), {a.seeds} seeds")
+    ap.add_argument("--methods", default=None, help="comma-separated presets (default: METHODS, + nft when it exists)")
+    a = ap.parse_args(argv)
+    methods = a.methods.split(",") if a.methods else default_methods()
+    tasks = [{"name": m, "preset": m, "seed": s, "budget_nfe": a.budget_nfe, "budget_wall": a.budget_seconds,
+              "nfe_fractions": FRACTIONS, "wall_fractions": (1.0,), "clock": a.clock} for s in range(a.seeds) for m in methods]
+    print(f"{len(tasks)} runs of >= {a.budget_nfe} cost and >= {a.budget_seconds:g} s on {a.workers} workers", flush=True)
+    t0 = time.time()
+    base, real = common.base_eval(), common.real_reference()
+    runs = common.run_all(tasks, a.workers)
+    data = {"settings": {"budget_nfe": a.budget_nfe, "budget_seconds": a.budget_seconds, "seeds": a.seeds,
+                         "clock": a.clock, "workers": a.workers, "methods": methods, "grad_weight": common.GRAD_WEIGHT,
+                         "wall_minutes": (time.time() - t0) / 60},
+            "judge": {**common.JUDGE, "test_accuracy": common.judge_test_accuracy()}, "base": base, "real": real,
+            "equal_nfe": common.summarise(runs, "nfe@1", base), "equal_wall": common.summarise(runs, "wall@1", base),
+            "frontier": common.frontier(runs, FRACTIONS, base),
+            "curves": {x: common.curves(runs, base, x) for x in ("cost", "cpu_seconds" if a.clock == "cpu" else "seconds")}, "runs": runs}
+    common.write_json("compare", data, out)
+    common.plot_curves(data, out / "compare.png", f"Held-out reward, {a.seeds} seeds")
+    common.plot_frontier(data, out / "compare_frontier.png",
+                         "Reward vs diversity at 25/50/75/100% of the cost budget (big dot: 100%)")
+    s = data["settings"]
+    common.write_md("compare", [
+        f"# Every method at equal cost ({a.budget_nfe} NFE) and equal time ({a.budget_seconds:g} {a.clock} s), {a.seeds} seeds", "",
+        common.cost_note(), common.clock_note(a.workers, a.clock), common.judge_note(data["judge"]["test_accuracy"]),
+        "Reward: p(named digit) from the reward CNN, mean over seeds; 95% CI: bootstrap over all seeds' per-sample scores.",
+        f"Whole benchmark: {s['wall_minutes']:.1f} min. Reproduce: `nice -n 5 python bench/compare.py "
+        f"--budget-nfe {a.budget_nfe} --budget-seconds {a.budget_seconds:g} --clock {a.clock} --seeds {a.seeds} --workers {a.workers}`.", "",
+        f"## At equal cost: the first iteration with cost >= {a.budget_nfe}", "",
+        *common.table_md(data["equal_nfe"], base, real), "",
+        f"## At equal wall time: the first iteration with >= {a.budget_seconds:g} training seconds ({a.clock} clock)", "",
+        *common.table_md(data["equal_wall"], base, real), "",
+        "Curves: compare.png; reward against diversity along the budget: compare_frontier.png.",
+    ], out)
+    return data
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ class AlgorithmSpec:
     eta: float = 0.7  # a: SDE noise level
     diffusion: str = "flow_grpo"  # g(sigma): flow_grpo = a sqrt(sigma / (1 - sigma)); constant = a (DanceGRPO)
     tau: float = 2.2  # entropy threshold for merging; 0 = no merging (Granular-GRPO)
+    merge: Any = "adaptive"  # consolidated SDE step width: "adaptive" (by entropy and tau) or a fixed int >= 1 (ignores tau)
     active: Any = "0-7"  # trained steps: "0-7", "0,2,4", "all", "first_half", or a list
     group_size: int = 8  # G, members per group (same prompt, same branch step)
     granularities: list = field(default_factory=lambda: [1])  # ODE finish grids: keep every g-th remaining sigma
@@ -163,13 +164,17 @@ class AlgorithmSpec:
         from .advantage import ADVANTAGE_MODES, REWARD_MODES
         from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS
         from .rollout import GRANULARITY_GRIDS
-        from .schedule import DIFFUSION_KINDS
+        from .schedule import DIFFUSION_KINDS, check_merge
         from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
         _range("algorithm.shift", self.shift, 0, lo_open=True)
         _range("algorithm.eta", self.eta, 0, lo_open=True)
         _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
+        try:
+            check_merge(self.merge)
+        except ValueError as e:
+            raise SpecError(f"algorithm.{e}") from None
         _range("algorithm.group_size", self.group_size, 2, 1024)
         if not self.granularities or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 1000
                                          for g in self.granularities):
@@ -237,7 +242,7 @@ class AlgorithmSpec:
     def plan(self):
         from .schedule import build_plan
 
-        return build_plan(self.grid(), self.eta, self.tau, self.active, self.diffusion)
+        return build_plan(self.grid(), self.eta, self.tau, self.active, self.diffusion, merge=self.merge)
 
 
 @dataclass

@@ -201,6 +201,13 @@ class EntropyPlan:
         plot_entropy_plan(self, path)
 
 
+def check_merge(merge) -> None:
+    """merge is "adaptive" (the entropy rule, `merge_width`) or a fixed width: an int >= 1."""
+    fixed = isinstance(merge, int) and not isinstance(merge, bool)
+    if merge != "adaptive" and not (fixed and merge >= 1):
+        raise ValueError(f"merge must be 'adaptive' or a whole number of steps >= 1, got {merge!r}")
+
+
 def build_plan(
     sigmas: Sequence[float],
     eta: float = 0.7,
@@ -208,15 +215,19 @@ def build_plan(
     active: str | Sequence[int] | None = "first_half",
     diffusion: str = "flow_grpo",
     reading: str = "ours",
+    merge: str | int = "adaptive",
 ) -> EntropyPlan:
     """The entropy plan of a grid: per-step score, merge width of each active step, SDE/ODE kind.
 
     `reading` picks the entropy score the merges use (ENTROPY_READINGS); training always uses ours,
     the others are for `plan --reading` (docs/algorithm.md, "Step entropy and its reading").
+    `merge` "adaptive" merges by entropy and tau; an int l merges every active step over l steps
+    (cut at the end of the grid) and ignores tau: the paper's fixed-merge ablation.
     """
     s = validate_sigmas(sigmas)
     if not (tau >= 0 and math.isfinite(tau)):
         raise ValueError(f"tau must be a finite number >= 0 (0 disables merging), got {tau}")
+    check_merge(merge)
     T = len(s) - 1
     g = diffusion_coefficients(s, eta, diffusion)
     score = reading_score(reading, eta)
@@ -224,7 +235,10 @@ def build_plan(
     steps = []
     for i in range(T):
         sde = i in act
-        l = merge_width(s, g, i, tau, score) if sde else 1
+        if not sde:
+            l = 1
+        else:
+            l = merge_width(s, g, i, tau, score) if merge == "adaptive" else min(merge, T - i)
         std = g[i] * math.sqrt(s[i] - s[i + 1])
         steps.append(
             PlanStep(i, s[i], s[i + 1], std, score(g[i], s[i], s[i + 1]), l, "sde" if sde else "ode", score(g[i], s[i], s[i + l]))

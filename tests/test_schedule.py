@@ -110,3 +110,19 @@ def test_plan_png(tmp_path):
     out = tmp_path / "plan.png"
     plan.save_png(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_fixed_merge_width_ignores_tau_and_is_cut_at_the_grid_end():
+    from egrpo_backend.config import AlgorithmSpec, SpecError
+
+    adaptive = build_plan(shifted_sigmas(16, 3.0), eta=0.7, tau=2.2, active="0-7")
+    assert adaptive == build_plan(shifted_sigmas(16, 3.0), eta=0.7, tau=2.2, active="0-7", merge="adaptive")
+    for width in (2, 4, 6):
+        plan = build_plan(shifted_sigmas(16, 3.0), eta=0.7, tau=2.2, active="0-7", merge=width)
+        assert [s.merge for s in plan.steps] == [width] * 8 + [1] * 8
+    assert [s.merge for s in build_plan(shifted_sigmas(16, 3.0), active="12-15", merge=6).steps[12:]] == [4, 3, 2, 1]
+    assert AlgorithmSpec().merge == "adaptive" and AlgorithmSpec().plan() == AlgorithmSpec(merge="adaptive").plan()
+    assert [s.merge for s in AlgorithmSpec(merge=4).plan().steps[:8]] == [4] * 8
+    for bad in (0, -1, 2.5, True, "fixed"):
+        with pytest.raises(SpecError, match="algorithm.merge"):
+            AlgorithmSpec(merge=bad).validate()
