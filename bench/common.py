@@ -268,7 +268,7 @@ def table_md(rows: dict, base: dict, real: dict) -> list[str]:
         flag = " collapsed" if v["diversity_pct_base"] < 100 * COLLAPSE_FRACTION else ""
         lines.append(f"| {m} | {v['reward_mean']:.3f} | [{v['reward_ci'][0]:.3f}, {v['reward_ci'][1]:.3f}] | "
                      f"{', '.join(f'{x:.3f}' for x in v['per_seed'])} | {v['judge_accuracy']:.3f} | {v['diversity']:.2f} "
-                     f"({v['diversity_pct_base']:.0f}%{flag}) | {v['nearest_real']:.2f} | {v['cost']:.0f} | {v['seconds']:.0f} | {v['cpu_seconds']:.0f} |")
+                     f"({v['diversity_pct_base']:.1f}%{flag}) | {v['nearest_real']:.2f} | {v['cost']:.0f} | {v['seconds']:.0f} | {v['cpu_seconds']:.0f} |")
     return lines
 
 

@@ -53,16 +53,29 @@ def test_compare_reports_every_method_at_equal_cost_and_equal_wall_time(tmp_path
     md = (tmp_path / "compare.md").read_text()
     assert "## At equal cost" in md and "## At equal wall time" in md and "| mixgrpo |" in md and "judge acc." in md
     assert (tmp_path / "compare.png").stat().st_size > 0 and (tmp_path / "compare_frontier.png").stat().st_size > 0
+    (tmp_path / "compare.md").unlink()
+    assert compare.main(["--report-only"], out=tmp_path) == json.loads(json.dumps(data))
+    assert (tmp_path / "compare.md").read_text() == md  # redrawn from compare.json alone
 
 
-def test_compare_includes_nft_once_it_is_a_preset(monkeypatch):
+def test_nft_cost_counts_its_no_grad_forwards_once_and_its_trained_ones_three_times():
+    """DiffusionNFT's update runs v_old and v_ref without gradients (1 each) and v with them (3):
+    per trained pair 5, so its cost is rollout NFE + 5/3 of its update forwards, not 3 x."""
+    import common
+
+    run = common.run_one({"name": "nft", "preset": "nft", "seed": 0, "budget_nfe": 1, "budget_wall": 0.0,
+                          "nfe_fractions": (1.0,), "wall_fractions": ()})
+    assert run["iterations"] == 1 and run["nfe_update"] == 3 * run["grad_rows"] > 0  # v_old, v, v_ref per pair
+    assert run["cost"] == run["nfe_rollout"] + run["nfe_update"] + 2 * run["grad_rows"]
+
+
+def test_compare_runs_every_preset_but_the_multi_reward_variant():
+    """A new preset joins the comparison by default, or this test names it."""
     import compare
 
-    from egrpo_backend import algorithms
+    from egrpo_backend.algorithms import PRESETS
 
-    assert compare.default_methods()[:7] == compare.METHODS
-    monkeypatch.setitem(algorithms.PRESETS, "nft", {})
-    assert compare.default_methods() == compare.METHODS + ["nft"]
+    assert set(compare.METHODS) == set(PRESETS) - {"nft_multi_reward"}
 
 
 def test_ablation_runs_one_factor_at_a_time(tmp_path, monkeypatch):

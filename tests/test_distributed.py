@@ -49,11 +49,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
+def join_gloo(rank: int, world: int, port: int, timeout: float = 60.0) -> None:
+    """Join a CPU gloo group as `rank` of `world` on this machine, as torchrun would set it up (one
+    thread per rank); a single process (world 1) stays outside any group."""
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    assert distributed.init(torch.device("cpu"), 30.0)
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        assert distributed.init(torch.device("cpu"), timeout)
+
+
+def _worker(rank: int, port: int, out: dict) -> None:
+    join_gloo(rank, 2, port, 30.0)
     try:
         gathered = distributed.gather_to_writer({"rank": rank})
         cat = distributed.all_concat(torch.tensor([float(rank)]))
@@ -91,11 +98,7 @@ def _trainer_run(rank: int, world: int, port: int, out: dict, parallel: str = "d
     from test_trainer import PROMPTS, small_spec
     from tiny_models import make_policy
 
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        distributed.init(torch.device("cpu"), 60.0)
+    join_gloo(rank, world, port)
     try:
         policy = make_policy("sd3")
         add_lora(policy.lora_model(), LoraSettings(rank=4, alpha=4.0), seed=0)

@@ -183,9 +183,7 @@ def test_cli_trains_a_job_with_preset_nft(tmp_path):
 
 
 def _nft_run(rank: int, world: int, port: int, out: dict) -> None:
-    import os
-
-    from test_distributed import Brightness
+    from test_distributed import Brightness, join_gloo
     from egrpo_backend import distributed
     from egrpo_backend.lora import LoraSettings, add_lora
     from egrpo_backend.rewards import WeightedRewards
@@ -193,11 +191,7 @@ def _nft_run(rank: int, world: int, port: int, out: dict) -> None:
     from test_trainer import small_spec
     from tiny_models import make_policy
 
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        distributed.init(torch.device("cpu"), 60.0)
+    join_gloo(rank, world, port)
     try:
         policy = make_policy("sd3")
         add_lora(policy.lora_model(), LoraSettings(rank=4, alpha=4.0), seed=0)
