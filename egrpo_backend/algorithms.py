@@ -77,6 +77,7 @@ BRANCH_KINDS = ("active", "sample_active", "random", "sliding", "first")
 BRANCH_WEIGHTINGS = ("uniform", "entropy")
 TRAIN_SUBSETS = ("per_group", "per_sample")  # AlgorithmSpec.train_subset
 KL_FORMS = ("gaussian", "flow_grpo")  # AlgorithmSpec.kl_form: sde.gaussian_kl | sde.flow_grpo_kl
+UPDATE_MODES = ("averaged", "per_step")  # AlgorithmSpec.update_mode: averaged = one loss over all active steps (paper); per_step = an optimizer step each (authors' code)
 
 
 def branch_starts(spec, plan, iteration: int, gen: torch.Generator) -> list[int]:

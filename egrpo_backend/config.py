@@ -162,10 +162,9 @@ class AlgorithmSpec:
 
     def validate(self) -> None:
         from .advantage import ADVANTAGE_MODES, REWARD_MODES
-        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS
+        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS, UPDATE_MODES
         from .rollout import GRANULARITY_GRIDS
         from .schedule import DIFFUSION_KINDS, check_merge
-        from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
         _range("algorithm.shift", self.shift, 0, lo_open=True)
         _range("algorithm.eta", self.eta, 0, lo_open=True)
@@ -372,7 +371,7 @@ class JobSpec:
             self.prompt_list(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
-        from .rewards.base import reward_names, reward_options
+        from .rewards.catalogue import reward_names, reward_options
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:

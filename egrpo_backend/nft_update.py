@@ -32,6 +32,7 @@ from .guidance import GuidedVelocity, prompt_chunks
 from .lora import like, whole
 from .nft import forward_noise, nft_loss, nft_timesteps, old_policy_decay, optimality_probability, update_old_policy
 from .randomness import stream_generator
+from .results import StepResult
 from .rollout import _integrate, _per_prompt_noise
 
 
@@ -122,7 +123,6 @@ class NFTUpdate:
 
     # --- one iteration ---------------------------------------------------------------------------
     def step(self, it: int, phases):
-        from .trainer import StepResult
 
         t, algo, cfg = self.trainer, self.trainer.algo, self.trainer.cfg
         # 1. Rollout with the old policy: P prompts x G members by ODE, CFG-free.

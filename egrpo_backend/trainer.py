@@ -26,6 +26,7 @@ from .nft_update import NFTUpdate
 from .objective import clipped_objective
 from .policies.base import FlowPolicy
 from .randomness import stream_generator
+from .results import StepResult
 from .rewards.combine import WeightedRewards
 from .rollout import Rollout, rollout
 from .sde import flow_grpo_kl, gaussian_kl, sde_step
@@ -33,7 +34,6 @@ from .telemetry import PhaseTimer
 from .unit_ids import global_unit_ids
 
 log = logging.getLogger(__name__)
-UPDATE_MODES = ("averaged", "per_step")  # averaged: one loss over all active steps (paper); per_step: an optimizer step each (authors' code)
 SAMPLE_GROUPS = 4  # groups whose images a step returns for sample grids
 
 
@@ -62,13 +62,6 @@ class Scores:
     rewards: torch.Tensor  # [NG, n_gran, G] weighted reward
     components: dict[str, torch.Tensor]  # reward name -> [NG, n_gran, G] unweighted
     images: torch.Tensor  # [k, C, H, W] finest-granularity images of the first SAMPLE_GROUPS groups
-
-
-@dataclass
-class StepResult:
-    metrics: dict  # what events.jsonl records for the iteration (phases included)
-    images: torch.Tensor  # [k, C, H, W] samples of the first groups, G consecutive images per group
-    prompts: list[str]  # the iteration's prompts
 
 
 def _gathered_stats(stats: dict) -> dict:

@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 
 from .base import Cond, FlowPolicy, cond_cat, cond_select
+from .names import FAMILY_NAMES, SOURCES
 
-SOURCES = ("default", "diffusers", "comfy")
-FAMILY_NAMES = ("sd3", "flux", "sana", "qwenimage")  # diffusers transformer families (diffusers_policy.FAMILIES has their call conventions)
 
 
 def resolve_device(name: str) -> torch.device:

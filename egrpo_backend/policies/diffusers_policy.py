@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from .. import lora as lora_lib
-from . import FAMILY_NAMES, weight_storage
+from . import weight_storage
+from .names import FAMILY_NAMES
 from .base import Cond, lora_disabled
 from .cond_cache import read_cond_cache, write_cond_cache
 from .text_encoders import PipelineTextEncoder, encoder_names, free_device_memory

@@ -1,4 +1,7 @@
-"""The Reward seam: `reward(images, prompts) -> scores[B]`, plus a registry of rewards by name.
+"""The Reward seam: `reward(images, prompts) -> scores[B]`, and the registry reward modules add themselves to.
+
+Building a reward by name is the catalogue's job (catalogue.py), which imports the reward modules:
+this module imports none of them.
 
 images: float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; prompts: list of B strings.
 Scores are float32 on the CPU, one per image, higher is better. Rewards never need gradients.
@@ -33,23 +36,6 @@ def register_reward(name: str):
     return wrap
 
 
-def reward_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def build_reward(name: str, **options) -> Reward:
-    """Build a registered reward; unknown names raise listing the valid ones."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    check_memory_options(name, options)  # before the factory loads a model for nothing
-    try:
-        return _REGISTRY[name](**options)
-    except TypeError as e:
-        raise ValueError(f"bad options for reward {name!r}: {e}") from None
-
-
 def check_memory_options(name: str, options: dict) -> None:
     """The options that bound a model reward's memory (docs/memory.md, "Rewards"), checked by value:
     offload (true: the model sits on the CPU and visits the device only while it scores) and
@@ -61,16 +47,6 @@ def check_memory_options(name: str, options: dict) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"reward {name!r}: option batch_size must be an integer >= 1 (images scored per forward), "
                          f"got {size!r}")
-
-
-def reward_options(name: str) -> list[str]:
-    """The keyword options a registered reward's factory takes (e.g. path, reward_dir, device)."""
-    import inspect
-
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    return list(inspect.signature(_REGISTRY[name]).parameters)
 
 
 def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -85,19 +61,3 @@ def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
             "weights and the images it is given (a diverged LoRA produces NaN images: lower the learning rate)"
         )
     return scores
-
-
-def _load_builtin() -> None:
-    # Importing the modules registers their rewards; model-based rewards import lazily inside.
-    from . import combine, jpeg  # noqa: F401
-
-    try:
-        from . import models  # noqa: F401  (model-based rewards, if present)
-    except ImportError as e:  # pragma: no cover - only when an optional module is absent
-        if "models" not in str(e):
-            raise
-    try:
-        from ..default_model import rewards as _default  # noqa: F401
-    except ImportError as e:  # pragma: no cover
-        if "default_model" not in str(e):
-            raise
