@@ -102,10 +102,10 @@ def families():
         "flux2": ("Flux2", flux2, (128, 4, 4), 64, {}),
         "chroma": ("Chroma", chroma, (16, 8, 8), 64, {}),
         "sd3": ("SD3", sd3, (16, 8, 8), 64, {"pooled_output": t(1, 32, seed=2)}),
-        "qwen_image": ("QwenImage", qwen, (16, 1, 8, 8), 64, {}),
+        "qwen_image": ("QwenImage", qwen, (16, 1, 8, 8), 64, dict(mask)),
         "lumina2": ("Lumina2", lumina, (16, 8, 8), 64, dict(mask)),
         "zimage": ("ZImage", zimage, (16, 8, 8), 64, dict(mask)),
-        "hunyuan_image21": ("HunyuanImage21", hyi, (64, 2, 2), 64, {}),
+        "hunyuan_image21": ("HunyuanImage21", hyi, (64, 2, 2), 64, {"conditioning_byt5small": t(1, 3, 1472, seed=4)}),
         "wan21": ("WAN21_T2V", wan, (16, 2, 8, 8), 64, {}),
         "wan22": ("WAN22_T2V", wan22, (48, 2, 4, 4), 64, {}),
         "hunyuan_video": ("HunyuanVideo", hyv, (16, 2, 8, 8), 64, {"pooled_output": t(1, 768, seed=2)}),
@@ -193,7 +193,7 @@ def check(family, variant="plain"):
     if not path.exists():
         make_model(family, cls_name, config, path)
     patcher = comfy.sd.load_diffusion_model(str(path))
-    detected = type(patcher.model).__name__
+    detected = type(patcher.model.model_config).__name__
     saved = comfy.utils.load_torch_file(str(path))
     loaded = patcher.model.diffusion_model.state_dict()
     same = set(saved) == set(loaded) and all(saved[k].shape == loaded[k].shape for k in saved)
@@ -237,16 +237,124 @@ def check(family, variant="plain"):
     with torch.no_grad():
         ours = policy.velocity(x, torch.full((2,), sigma), policy.encode(["p", "p"]))
     diff = (ours - ref).abs().max().item()
-    return {"family": family, "variant": variant, "class": detected, "keys_match": same,
-            "latent_shape": list(policy.latent_shape), "expected_latent": list(latent), "max_abs_diff": diff,
+    shape = list(policy.latent_shape)
+    del policy
+    control = None
+    if variant != "plain" or family == "chroma":
+        # negative control: what training saw before the contract (bare file, no FluxGuidance, Chroma at 3.5)
+        plain_cache = folder / "conds_control.safetensors"
+        encode_prompts(StandInClip({"p": [[conditioning[0][0], dict(options)]]}), ["p"], plain_cache)
+        spec.comfy.cond_cache, spec.comfy.loras, spec.comfy.lora_dirs, spec.comfy.model_sampling = str(plain_cache), [], [], {}
+        spec.comfy.guidance = 3.5 if family == "chroma" else -1.0
+        policy = load_comfy_policy(spec, torch.device("cpu"), torch.float32, gradient_checkpointing=False)
+        with torch.no_grad():
+            control = (policy.velocity(x, torch.full((2,), sigma), policy.encode(["p", "p"])) - ref).abs().max().item()
+        del policy
+    return {"control_diff": control, "family": family, "variant": variant, "class": detected, "keys_match": same,
+            "latent_shape": shape, "expected_latent": list(latent), "max_abs_diff": diff,
             "scale": ref.abs().max().item(), "finite": bool(torch.isfinite(ours).all()), "graph": keys,
             "params": sum(v.numel() for v in saved.values())}
+
+
+def train(family):
+    """A 2-iteration job (CPU, tiny) through the comfy policy, then its LoRA loaded by ComfyUI's own loader:
+    every key must load ("lora key not loaded" counted from ComfyUI's log) and patch a weight."""
+    import io
+    import logging
+
+    from egrpo_backend.jobs import create_job, run_job
+
+    cls_name, config, latent, px, options = families()[family]
+    folder = WORK / family
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{family}.safetensors"
+    if not path.exists():
+        make_model(family, cls_name, config, path)
+    _, train_nodes = pack_nodes()
+    ctx = CONTEXT.get(family, 32)
+    prompts = ["a red cube", "a blue ball"]
+    cache = folder / "conds_train.safetensors"
+    length = 1  # video families: one frame, still a 5-D latent [B, C, 1, H, W]; video rewards score frames elsewhere
+    job = folder / "job"
+    spec = {"model": {"source": "comfy", "path": str(path),
+                      "comfy": {"comfy_root": ROOT, "kind": "diffusion_model", "vae": "", "cond_cache": str(cache),
+                                "width": px, "height": px, "length": length}},
+            "prompts": prompts, "rewards": [{"name": "jpeg_compressibility"}],
+            "algorithm": {"steps": 4, "active": "0-1", "group_size": 2, "clip_range": 0.2},
+            "lora": {"rank": 2, "alpha": 2.0},
+            "train": {"iterations": 2, "prompts_per_iteration": 1, "lr": 1e-2, "device": "cpu", "threads": 2,
+                      "sample_every": 100, "checkpoint_every": 100},
+            "output": {"name": f"tiny_{family}", "formats": ["kohya"]}}
+    from egrpo_backend.build import texts_to_encode
+    from egrpo_backend.config import JobSpec
+
+    texts = texts_to_encode(JobSpec.from_dict(spec))  # what the Train node encodes: prompts and the empty one
+    train_nodes.encode_prompts(StandInClip({p: [[t(1, TOK, ctx, seed=i), dict(options)]] for i, p in enumerate(texts)}),
+                               texts, cache)
+    if not (job / "job.json").exists():
+        create_job(spec, job)
+    status = run_job(job, progress=False)
+    loras = sorted((job / "lora").glob("*.safetensors"))
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    lora = comfy.utils.load_torch_file(str(loras[0]), safe_load=True)
+    patched = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+    logging.getLogger().removeHandler(handler)
+    text = buf.getvalue()
+    return {"family": family, "variant": "train", "status": status.get("status"), "iteration": status.get("iteration"),
+            "lora": loras[0].name if loras else None, "lora_tensors": len(lora),
+            "modules": sum(k.endswith(".lora_down.weight") for k in lora),
+            "patched_weights": len(patched.patches),
+            "unloaded": text.count("lora key not loaded") + text.count("NOT LOADED")}
+
+
+def refusals():
+    """Patches the child cannot carry give a node error that names them (nodes/graph_patches.py)."""
+    from comfy_extras.nodes_model_advanced import RescaleCFG
+
+    graph_patches, train_nodes = pack_nodes()
+    path = WORK / "flux" / "flux.safetensors"
+    if not path.exists():
+        make_model("flux", "Flux", families()["flux"][1], path)
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    out = {}
+
+    def message(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    out["rescale_cfg"] = message(lambda: graph_patches.record_graph_patches(RescaleCFG().patch(patcher, 0.7)[0]))
+    wrapped = patcher.clone()
+    wrapped.set_model_unet_function_wrapper(lambda apply, args: apply(args["input"], args["timestep"], **args["c"]))
+    out["unet_wrapper"] = message(lambda: graph_patches.record_graph_patches(wrapped))
+    stray = WORK / "stray_lora.safetensors"  # a LoRA file outside ComfyUI's loras folders
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["loras"] = ([str(WORK / "loras_empty")], {".safetensors"})
+    make_lora(patcher, stray)
+    foreign = comfy.sd.load_lora_for_models(patcher, None, comfy.utils.load_torch_file(str(stray)), 1.0, 0)[0]
+    out["foreign_lora"] = message(lambda: graph_patches.record_graph_patches(foreign))
+    fill = dict(families()["flux"][1], in_channels=96)  # a Flux Fill-style model: 16 latent + 80 concat channels
+    fill_path = WORK / "flux_fill.safetensors"
+    make_model("flux", "Flux", fill, fill_path)
+    fill_patcher = comfy.sd.load_diffusion_model(str(fill_path))
+    out["concat_model"] = message(lambda: train_nodes.comfy_graph_keys(fill_patcher, 3.0, None))
+    shifted = __import__("comfy_extras.nodes_model_advanced", fromlist=["x"]).ModelSamplingSD3().patch(patcher, 5.0)[0]
+    out["shift_mismatch"] = message(lambda: train_nodes.comfy_graph_keys(shifted, 3.0, None))
+    out["shift_match"] = message(lambda: train_nodes.comfy_graph_keys(shifted, 5.0, None))
+    return {"family": "refusals", "variant": "refusals", "messages": out}
 
 
 for item in FAMILIES:
     family, _, variant = item.partition(":")
     try:
-        res = check(family, variant or "plain")
+        res = refusals() if family == "refusals" else train(family) if variant == "train" else check(family, variant or "plain")
     except Exception as e:  # one family's failure is reported, the others still run
         import traceback
 
