@@ -84,19 +84,17 @@ def equivalent_shift(record: dict) -> float | None:
 
 def _lora_files():
     """(name relative to a loras folder, path, header key set) for every .safetensors LoRA ComfyUI lists."""
-    import folder_paths
     from safetensors import safe_open
 
-    for name in folder_paths.get_filename_list("loras"):
+    from .comfy_glue import lora_files
+
+    for name, path in lora_files():
         if not name.endswith(".safetensors"):
-            continue
-        path = folder_paths.get_full_path("loras", name)
-        if not path:
             continue
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = set(f.keys())
-        except Exception:  # unreadable files are simply not candidates
+        except Exception:  # an unreadable file is simply not a candidate
             continue
         yield name, path, keys
 
@@ -123,15 +121,17 @@ def lora_stack(patcher) -> list[dict]:
     patches = getattr(patcher, "patches", {}) or {}
     if not patches:
         return []
+    for weight_key, entries in patches.items():  # what is not a LoRA file is refused before any file is read
+        for strength_patch, adapter, strength_model, offset, function in entries:
+            if not getattr(adapter, "loaded_keys", None):
+                raise ValueError(f"the MODEL's weight {weight_key!r} carries a {type(adapter).__name__} patch that is "
+                                 f"not a LoRA file (e.g. a model merge); {_fix()}")
     files = list(_lora_files())
     found: dict[str, float] = {}
     checked: dict[int, str] = {}
     for weight_key, entries in patches.items():
         for strength_patch, adapter, strength_model, offset, function in entries:
-            keys = getattr(adapter, "loaded_keys", None)
-            if not keys:
-                raise ValueError(f"the MODEL's weight {weight_key!r} carries a {type(adapter).__name__} patch that is "
-                                 f"not a LoRA file (e.g. a model merge); {_fix()}")
+            keys = adapter.loaded_keys
             if offset is not None or function is not None or strength_model != 1.0:
                 raise ValueError(f"the MODEL's weight {weight_key!r} carries a LoRA patch with an offset, function "
                                  f"or model strength, which LoraLoader never sets; {_fix()}")
@@ -157,7 +157,7 @@ def record_graph_patches(model) -> dict:
     refuse_uncarried(patcher)
     out = {"model_sampling": model_sampling_record(patcher), "loras": lora_stack(patcher)}
     if out["loras"]:
-        import folder_paths
+        from .comfy_glue import lora_folders
 
-        out["lora_dirs"] = [str(p) for p in folder_paths.get_folder_paths("loras")]
+        out["lora_dirs"] = lora_folders()
     return out
