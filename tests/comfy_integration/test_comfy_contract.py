@@ -57,7 +57,7 @@ def contract(tmp_path_factory):
 
 
 def _get(contract, family, variant):
-    if family not in _families():
+    if family in FAMILIES and family not in _families():
         pytest.skip(f"{family} not in EGRPO_CONTRACT_FAMILIES")
     r = contract.get((family, variant))
     assert r is not None, f"no result for {family}:{variant}"
