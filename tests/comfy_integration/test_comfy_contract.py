@@ -11,8 +11,10 @@ model_function_wrapper, a LoRA from outside the loras folders, a concat-image mo
 differs from the training grid's give errors that name them. Then a 2-iteration job per family whose LoRA
 ComfyUI's load_lora_for_models loads with 0 unloaded keys.
 
-EGRPO_CONTRACT_FAMILIES (comma-separated) narrows the families; EGRPO_TINY_MODEL_DIR keeps the tiny models
-between runs (they are rebuilt identically from seed 0 otherwise).
+EGRPO_CONTRACT_FAMILIES (comma-separated) narrows the families; EGRPO_CONTRACT_HEAVY=1 adds the jobs of
+the three families whose hard-coded widths make a CPU job take minutes (Lumina 2, Chroma, Z-Image);
+EGRPO_TINY_MODEL_DIR keeps the tiny models between runs (rebuilt identically from seed 0 otherwise; a
+finished job there is not re-run, so use a fresh folder to re-check training).
 """
 
 import json
@@ -30,6 +32,9 @@ EXPECTED_CLASS = {"flux": "Flux", "flux2": "Flux2", "chroma": "Chroma", "sd3": "
                   "lumina2": "Lumina2", "zimage": "ZImage", "hunyuan_image21": "HunyuanImage21",
                   "wan21": "WAN21_T2V", "wan22": "WAN22_T2V", "hunyuan_video": "HunyuanVideo"}
 VARIANTS = ["flux:flux_guidance", "flux:lora", "sd3:shift", "wan22:lora"]
+# 2-iteration jobs of 5-8 CPU minutes each (widths of 2304-5120 hard-coded by detection): run with
+# EGRPO_CONTRACT_HEAVY=1 (README's table reports their last run); their velocity contract always runs.
+HEAVY_TRAIN = {"lumina2", "chroma", "zimage"}
 TOLERANCE = 1e-5
 
 
@@ -42,7 +47,9 @@ def _families():
 def contract(tmp_path_factory):
     work = os.environ.get("EGRPO_TINY_MODEL_DIR") or tmp_path_factory.mktemp("contract")
     fams = _families()
-    items = fams + [v for v in VARIANTS if v.split(":")[0] in fams] + ["refusals"] + [f"{f}:train" for f in fams]
+    heavy = os.environ.get("EGRPO_CONTRACT_HEAVY") == "1"
+    items = fams + [v for v in VARIANTS if v.split(":")[0] in fams] + ["refusals"] + \
+        [f"{f}:train" for f in fams if heavy or f not in HEAVY_TRAIN]
     res = subprocess.run([COMFY_PYTHON, str(HERE / "comfy_contract.py"), COMFY, str(work), *items], cwd=COMFY,
                          capture_output=True, text=True, timeout=3000, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     results = {}
@@ -105,6 +112,8 @@ def test_uncarried_patches_are_refused_by_name(contract):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_iterations_write_a_lora_comfyui_loads(contract, family):
+    if family in HEAVY_TRAIN and os.environ.get("EGRPO_CONTRACT_HEAVY") != "1":
+        pytest.skip(f"{family}: a 5-8 minute CPU job; set EGRPO_CONTRACT_HEAVY=1 to run it")
     r = _get(contract, family, "train")
     assert r["status"] == "finished" and r["iteration"] == 2, r
     assert r["modules"] > 0 and r["patched_weights"] == r["modules"] and r["unloaded"] == 0, r
