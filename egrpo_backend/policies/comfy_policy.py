@@ -230,10 +230,13 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
                                 "(conds.safetensors in the job folder)")
     kind = opts.kind
     options = comfy_model_options(model_spec.weight_dtype, path)
+    # disable_dynamic: the job owns its weights (moved to the device once, below); ComfyUI's dynamic
+    # (streamed-weight) patcher would make apply_model prefetch weights it never loaded.
     if kind == "checkpoint":
-        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, model_options=options)[0]
+        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, model_options=options,
+                                                        disable_dynamic=True)[0]
     else:
-        patcher = comfy.sd.load_diffusion_model(path, model_options=options)
+        patcher = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
     refuse_needs_image(patcher.model)
     prompts, conds = read_comfy_conds(cache)
     if opts.guidance >= 0:  # the node's guidance input: what FluxGuidance would set on every prompt
