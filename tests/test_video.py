@@ -20,6 +20,7 @@ from egrpo_backend.config import JobSpec, SpecError  # noqa: E402
 from egrpo_backend.jobs import create_job, read_events, run_job  # noqa: E402
 from egrpo_backend.plots import VIDEO_FPS, image_grid  # noqa: E402
 from egrpo_backend.rewards import WeightedRewards, build_reward, frames as reward_frames  # noqa: E402
+from egrpo_backend.rewards.frames import score_frames  # noqa: E402
 from egrpo_backend.rewards.jpeg import jpeg_size_kb  # noqa: E402
 from egrpo_backend.sde import gaussian_log_prob, sde_step  # noqa: E402
 from video_policy import make_video_policy  # noqa: E402
@@ -65,10 +66,10 @@ def test_rollout_builds_video_latents_from_the_policy_latent_shape():
 # --- rewards on video ------------------------------------------------------------------------------
 def test_an_image_reward_on_video_is_the_mean_of_its_frames_scores():
     videos = clips()
-    got = build_reward("jpeg_compressibility")(videos, ["a", "b"])
+    got = WeightedRewards([build_reward("jpeg_compressibility")], [1.0])(videos, ["a", "b"])  # as jobs score
     by_hand = torch.stack([-jpeg_size_kb(videos[b]).mean() for b in range(2)])  # every frame scored as an image
     torch.testing.assert_close(got, by_hand)
-    two = build_reward("jpeg_compressibility", frames=2)(videos, ["a", "b"])  # frames 0 and 4 of 5
+    two = score_frames(build_reward("jpeg_compressibility", frames=2), videos, ["a", "b"])  # frames 0 and 4 of 5
     torch.testing.assert_close(two, torch.stack([-jpeg_size_kb(videos[b, [0, 4]]).mean() for b in range(2)]))
 
 
@@ -81,14 +82,14 @@ def test_frames_k_picks_k_evenly_spaced_frames():
     seen = []
 
     class Recorder:  # an image reward that reports which frames (their pixel value = index / 10) it got
-        name = "recorder"
+        name, frames = "recorder", 4
 
         def __call__(self, images, prompts):
             seen.append((images[:, 0, 0, 0] * 10).round().long().tolist())
             return torch.zeros(images.shape[0])
 
     video = torch.arange(9.0).div(10).view(1, 9, 1, 1, 1).expand(1, 9, 3, 4, 4)
-    reward_frames.FrameSampled(Recorder(), 4)(video, ["p"])
+    score_frames(Recorder(), video, ["p"])
     assert seen == [[0, 2, 5, 8]]
 
 
@@ -97,12 +98,12 @@ def test_temporal_consistency_ranks_a_still_clip_above_a_flickering_one():
     noisy = clips(1, 4, seed=2)
     slow = still + 0.02 * torch.arange(4.0).view(1, 4, 1, 1, 1)  # a slow brightening
     tc = build_reward("temporal_consistency")
-    s = tc(torch.cat([still, slow.clamp(0, 1), noisy]), ["a", "a", "a"])
+    s = score_frames(tc, torch.cat([still, slow.clamp(0, 1), noisy]), ["a", "a", "a"])
     assert s[0] == 1.0 and s[0] > s[1] > s[2]
     change = (noisy[:, 1:] - noisy[:, :-1]).abs().mean()
     assert s[2].item() == pytest.approx(1 - change.item(), rel=1e-6)  # 1 - mean |x_{f+1} - x_f|
     # frames k: the consecutive differences of the picked frames only
-    torch.testing.assert_close(build_reward("temporal_consistency", frames=2)(noisy, ["a"]),
+    torch.testing.assert_close(score_frames(build_reward("temporal_consistency", frames=2), noisy, ["a"]),
                                1 - (noisy[:, 3] - noisy[:, 0]).abs().mean().view(1))
 
 
@@ -121,12 +122,12 @@ def test_frames_errors_name_the_option_and_the_fix():
     with pytest.raises(ValueError, match="frames must be"):
         build_reward("jpeg_compressibility", frames="middle")
     with pytest.raises(ValueError, match="frames = 6 but the videos have 5 frames"):
-        build_reward("jpeg_compressibility", frames=6)(clips(), ["a", "b"])
+        score_frames(build_reward("jpeg_compressibility", frames=6), clips(), ["a", "b"])
     with pytest.raises(ValueError, match="made images"):
-        build_reward("jpeg_compressibility", frames=2)(torch.rand(2, 3, 16, 16), ["a", "b"])
+        score_frames(build_reward("jpeg_compressibility", frames=2), torch.rand(2, 3, 16, 16), ["a", "b"])
     with pytest.raises(ValueError, match="scores videos"):
-        build_reward("temporal_consistency")(torch.rand(2, 3, 16, 16), ["a", "b"])
-    assert build_reward("jpeg_compressibility", frames=1)(torch.rand(2, 3, 16, 16), ["a", "b"]).shape == (2,)
+        score_frames(build_reward("temporal_consistency"), torch.rand(2, 3, 16, 16), ["a", "b"])
+    assert score_frames(build_reward("jpeg_compressibility", frames=1), torch.rand(2, 3, 16, 16), ["a", "b"]).shape == (2,)
 
 
 def spec_with(rewards):
@@ -223,3 +224,16 @@ def test_a_video_job_trains_and_writes_animated_webp_samples(tmp_path, monkeypat
     assert info["samples"] == ["iter_000001.webp", "iter_000002.webp"]
     assert status == 200 and kind == "image/webp"
     assert Image.open(io.BytesIO(body)).n_frames == FRAMES
+
+
+def test_reward_nodes_pass_frames_to_the_spec():
+    import comfy_fakes
+
+    comfy_fakes.install()
+    from nodes import reward_nodes
+
+    node = {n.define_schema().node_id: n for n in reward_nodes.reward_nodes()}["EGRPOReward_digit_probability"]
+    assert node.execute(1.0, " 4 ").args[0] == [{"name": "digit_probability", "weight": 1.0, "frames": 4}]
+    assert node.execute(1.0, "all").args[0] == [{"name": "digit_probability", "weight": 1.0}]
+    with pytest.raises(ValueError, match="frames must be 'all' or a whole number >= 1"):
+        node.execute(1.0, "0")

@@ -2,7 +2,8 @@
 
 images: float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; prompts: list of B strings.
 Scores are float32 on the CPU, one per image, higher is better. Rewards never need gradients.
-A reward built by name also scores videos [B, F, C, H, W] (frames.py: its option `frames`).
+Videos [B, F, C, H, W] are scored through frames.score_frames (WeightedRewards does), by the frames
+a reward's option `frames` picks.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def reward_names() -> list[str]:
 
 
 def build_reward(name: str, frames="all", **options) -> Reward:
-    """Build a registered reward; unknown names raise listing the valid ones. The result scores images
-    and videos; `frames` ("all" or k) picks the frames of each video it scores (frames.py)."""
-    from .frames import FrameSampled, check_frames
+    """Build a registered reward; unknown names raise listing the valid ones. `frames` ("all" or k) and
+    the registered min_frames ride on the reward: frames.score_frames reads them to score videos."""
+    from .frames import check_frames
 
     _load_builtin()
     if name not in _REGISTRY:
@@ -56,7 +57,8 @@ def build_reward(name: str, frames="all", **options) -> Reward:
         reward = _REGISTRY[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
-    return FrameSampled(reward, frames, _MIN_FRAMES[name])
+    reward.frames, reward.min_frames = frames, _MIN_FRAMES[name]
+    return reward
 
 
 def reward_min_frames(name: str) -> int:

@@ -3,10 +3,11 @@
 A video policy decodes to frames [B, F, C, H, W] in [0, 1]; an image policy to [B, C, H, W].
 Every reward takes the option `frames`: "all" (default) or k, the k evenly spaced frames
 `frame_indices(F, k)` picks (pytorchvideo's uniform_temporal_subsample: linspace(0, F - 1, k)
-truncated, so k = F is every frame and the first and last frames are always in). An image reward
-scores each picked frame as an image and a clip's score is the mean of its frames' scores; a video
-reward (registered with min_frames, e.g. temporal_consistency) gets the picked frames as one clip.
-Images have no frames axis: frames "all" or 1 scores them as they are (docs/rewards.md, "Video").
+truncated, so k = F is every frame and the first and last frames are always in). `score_frames`,
+which WeightedRewards (every job, evaluation and node) calls, scores each picked frame as an image
+and averages per clip; a video reward (registered with min_frames, e.g. temporal_consistency) gets
+the picked frames as one clip. Images have no frames axis: frames "all" or 1 scores them as they
+are (docs/rewards.md, "Video").
 """
 
 from __future__ import annotations
@@ -62,38 +63,28 @@ def check_reward_frames(key: str, name: str, frames, min_frames: int, total: int
                                                    "node's length), or remove this reward"))
 
 
-class FrameSampled:
-    """A reward that scores images and videos: picks the `frames` of each clip, then scores them as
-    images and averages per clip (an image reward) or as one shorter clip (min_frames > 1)."""
-
-    def __init__(self, reward, frames=FRAMES_ALL, min_frames: int = 1):
-        self.reward, self.frames, self.min_frames = reward, check_frames(reward.name, frames), min_frames
-        self.name = reward.name
-
-    def __getattr__(self, attr):  # the wrapped reward's model, device, offload... stay reachable
-        if attr == "reward":
-            raise AttributeError(attr)
-        return getattr(self.reward, attr)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        if images.ndim == 4:  # images [B, C, H, W]: one frame each
-            if self.min_frames > 1:
-                raise ValueError(f"reward {self.name!r} scores videos [B, F, C, H, W] of at least {self.min_frames} "
-                                 f"frames; the model made images {tuple(images.shape)}")
-            if self.frames not in (FRAMES_ALL, 1):
-                raise ValueError(f"reward {self.name!r}: frames = {self.frames} but the model made images "
-                                 f"{tuple(images.shape)} (one frame each); leave frames out for an image model")
-            return self.reward(images, prompts)
-        if images.ndim != 5:
-            raise ValueError(f"reward {self.name!r} takes images [B, C, H, W] or videos [B, F, C, H, W], got shape "
-                             f"{tuple(images.shape)}")
-        B = images.shape[0]
-        clips = images[:, frame_indices(images.shape[1], self.frames).to(images.device)]  # [B, k, C, H, W]
-        if clips.shape[1] < self.min_frames:
-            raise ValueError(f"reward {self.name!r} needs at least {self.min_frames} frames per video, got "
-                             f"{clips.shape[1]}")
-        if self.min_frames > 1:  # a video reward scores the clip as a whole
-            return check_scores(self.reward(clips, prompts), B, self.name)
-        k = clips.shape[1]
-        per_frame = check_scores(self.reward(clips.flatten(0, 1), [p for p in prompts for _ in range(k)]), B * k, self.name)
-        return per_frame.reshape(B, k).mean(1)  # [B]: the mean of each clip's frame scores
+def score_frames(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """reward's scores [B] of images [B, C, H, W] or videos [B, F, C, H, W]: the reward's `frames` of each
+    clip (build_reward sets them; "all" otherwise), scored as images and averaged per clip, or passed as
+    one shorter clip to a video reward (min_frames > 1)."""
+    name, frames, min_frames = reward.name, getattr(reward, "frames", FRAMES_ALL), getattr(reward, "min_frames", 1)
+    if images.ndim == 4:  # images [B, C, H, W]: one frame each
+        if min_frames > 1:
+            raise ValueError(f"reward {name!r} scores videos [B, F, C, H, W] of at least {min_frames} frames; the "
+                             f"model made images {tuple(images.shape)}")
+        if frames not in (FRAMES_ALL, 1):
+            raise ValueError(f"reward {name!r}: frames = {frames} but the model made images {tuple(images.shape)} "
+                             "(one frame each); leave frames out for an image model")
+        return reward(images, prompts)
+    if images.ndim != 5:
+        raise ValueError(f"reward {name!r} takes images [B, C, H, W] or videos [B, F, C, H, W], got shape "
+                         f"{tuple(images.shape)}")
+    B = images.shape[0]
+    clips = images[:, frame_indices(images.shape[1], frames).to(images.device)]  # [B, k, C, H, W]
+    if clips.shape[1] < min_frames:
+        raise ValueError(f"reward {name!r} needs at least {min_frames} frames per video, got {clips.shape[1]}")
+    if min_frames > 1:  # a video reward scores the clip as a whole
+        return check_scores(reward(clips, prompts), B, name)
+    k = clips.shape[1]
+    per_frame = check_scores(reward(clips.flatten(0, 1), [p for p in prompts for _ in range(k)]), B * k, name)
+    return per_frame.reshape(B, k).mean(1)  # [B]: the mean of each clip's frame scores
