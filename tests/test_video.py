@@ -48,19 +48,25 @@ def test_log_prob_is_the_mean_over_every_latent_dimension_of_a_video_latent():
     torch.testing.assert_close(video.log_prob, folded.log_prob)
 
 
-def test_rollout_builds_video_latents_from_the_policy_latent_shape():
+@pytest.mark.parametrize("preset", ["egrpo", "nft"])
+def test_rollout_builds_video_latents_from_the_policy_latent_shape(preset):
     from egrpo_backend.lora import LoraSettings, add_lora
     from egrpo_backend.trainer import Trainer
 
     policy = make_video_policy(FRAMES)
     add_lora(policy.lora_model(), LoraSettings(rank=2, alpha=2.0), seed=0)
     spec = JobSpec.from_dict({"model": {"source": "default"}, "prompts": PROMPTS,
-                              "algorithm": {"steps": 4, "active": "0-1", "group_size": 2, "clip_range": 0.2},
+                              "algorithm": {"preset": preset, "steps": 4, "active": "0-1", "group_size": 2},
                               "train": {"iterations": 1, "prompts_per_iteration": 1, "device": "cpu"}})
     trainer = Trainer(policy, spec, WeightedRewards([build_reward("digit_probability")], [1.0]), PROMPTS)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
     result = trainer.step()
     assert result.images.shape[1:] == (FRAMES, 1, 16, 16)  # samples are clips [k, F, C, H, W]
-    assert result.metrics["ratio_first_dev"] < 1e-5 and math.isfinite(result.metrics["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
+    if preset == "egrpo":
+        assert result.metrics["ratio_first_dev"] < 1e-5 and math.isfinite(result.metrics["loss"])
+    else:
+        assert math.isfinite(result.metrics["nft_loss"])
 
 
 # --- rewards on video ------------------------------------------------------------------------------
