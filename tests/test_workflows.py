@@ -57,8 +57,8 @@ def test_workflow_is_consistent(path):
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
-# The Train node's `length` (frames, beside width and height) comes with the comfy video policy (another
-# branch). Until this schema has it, a workflow that names it in widgets_values_named keeps its place.
+# The Train node's `length` (frames) comes with the comfy video policy, as its last widget (so saved graphs
+# keep their order). Until this schema has it, a workflow that names it in widgets_values_named keeps it last.
 PENDING_LENGTH = SimpleNamespace(id="length", io_type="INT", kwargs={})
 
 
@@ -66,8 +66,8 @@ def widget_ports(n) -> list:
     """The widget inputs of our node n in the order the frontend fills them from widgets_values."""
     ports = [i for i in OURS[n["type"]].inputs if i.io_type in WIDGET_TYPES]
     ids = [p.id for p in ports]
-    if "length" in n.get("widgets_values_named", {}) and "length" not in ids:
-        ports.insert(ids.index("height") + 1, PENDING_LENGTH)
+    if n["type"] == "EGRPOTrainLora" and "length" in n.get("widgets_values_named", {}) and "length" not in ids:
+        ports.append(PENDING_LENGTH)
     return ports
 
 
