@@ -102,8 +102,6 @@ VIDEO_FPS = 16  # frame rate of animated WebP samples (Wan's; any rate shows the
 def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int = 4) -> None:
     """Save a grid of images (each row: a tensor [N, C, H, W] in [0, 1]) as one PNG, nearest-upscaled.
     Rows of videos [N, F, C, H, W] make an animated WebP of F grids (path must end in .webp)."""
-    from PIL import Image
-
     video = rows[0].ndim == 5
     if video != str(path).endswith(".webp"):
         raise ValueError(f"{path}: a grid of {'videos' if video else 'images'} is saved as "

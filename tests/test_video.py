@@ -4,7 +4,6 @@ machinery, and samples as animated WebP (docs/rewards.md, "Video"; README, "Vide
 
 import asyncio
 import io
-import json
 import math
 import sys
 from pathlib import Path
