@@ -390,7 +390,8 @@ class JobSpec:
             self.prompt_list(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
-        from .rewards.base import reward_names, reward_options
+        from .rewards import frames as reward_frames
+        from .rewards.base import reward_min_frames, reward_names, reward_options
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:
@@ -404,6 +405,11 @@ class JobSpec:
             if unknown:
                 raise SpecError(f"unknown option 'rewards[{i}].{unknown[0]}' for reward {r['name']!r}; "
                                 f"its options: {', '.join(allowed) or 'none'}")
+            try:  # video: the frames a reward scores against the frames the model makes (docs/rewards.md)
+                reward_frames.check_reward_frames(f"rewards[{i}]", r["name"], r.get("frames", "all"),
+                                                  reward_min_frames(r["name"]), reward_frames.model_frames(self.model))
+            except ValueError as e:
+                raise SpecError(str(e)) from None
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
             raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
         return self

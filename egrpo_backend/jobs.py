@@ -7,7 +7,7 @@ A job directory holds
   events.jsonl      one JSON object per line (see EVENT TYPES below), appended and flushed
   checkpoints/      iter_NNNNNN/{lora.safetensors, state.pt} + latest.json (checkpoint.py)
   lora/             NAME.safetensors (first format) and NAME.<fmt>.safetensors (other formats)
-  plan.png, reward_curve.png, samples/iter_NNNNNN.png, metrics.json
+  plan.png, reward_curve.png, samples/iter_NNNNNN.png (.webp, animated, for video), metrics.json
   cancel            present = stop after the current iteration (also SIGTERM / SIGINT)
 
 EVENT TYPES (every event has "type" and "time"):
@@ -18,7 +18,7 @@ EVENT TYPES (every event has "type" and "time"):
               and loss: nft_loss, r_mean, positive_loss, negative_loss, old_policy_decay (nft_update.py)
   eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
   checkpoint  iteration, path
-  sample      iteration, path
+  sample      iteration, path (.png; an animated .webp and frames F for a video model)
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
   guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
               reward-hacking guard stopped the run)
@@ -184,7 +184,8 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
             if tripped:
                 events.emit("guard", **tripped)
         if writer and cfg.sample_every and it % cfg.sample_every == 0:
-            events.emit("sample", iteration=it, path=write_sample_grid(job_dir, it, result.images, spec.algorithm.group_size))
+            events.emit("sample", iteration=it, path=write_sample_grid(job_dir, it, result.images, spec.algorithm.group_size),
+                        **({"frames": result.images.shape[1]} if result.images.ndim == 5 else {}))  # video: animated WebP
         cancelled = distributed.broadcast_decision(bool(cancel))
         stop = cancelled or bool(tripped)
         if it % cfg.checkpoint_every == 0 or it == total or stop:  # every rank: FSDP2 gathers shards for it

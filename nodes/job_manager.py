@@ -302,7 +302,8 @@ class JobManager:
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
             "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
             "files": [f for f in ("plan.png", "reward_curve.png") if (path / f).is_file()],
-            "samples": sorted(p.name for p in (path / "samples").glob("*.png"))[-4:] if (path / "samples").is_dir() else [],
+            "samples": sorted(p.name for p in (path / "samples").glob("iter_*.*") if p.suffix in (".png", ".webp"))[-4:]
+            if (path / "samples").is_dir() else [],  # .webp: a video model's animated samples
         }
 
     def lora_name(self, lora: str | None) -> str | None:

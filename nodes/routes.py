@@ -23,6 +23,7 @@ PREFIX = "/egrpo"
 SERVED = {  # (folder inside the job, file name suffix) -> content type; anything else is a 404
     ("", "plan.png"): "image/png", ("", "reward_curve.png"): "image/png", ("", "metrics.json"): "application/json",
     ("samples", ".png"): "image/png", ("lora", ".safetensors"): "application/octet-stream",
+    ("samples", ".webp"): "image/webp",  # a video model's samples: animated WebP
 }
 
 
@@ -32,7 +33,7 @@ def served_type(rel: str) -> str:
     for (where, suffix), kind in SERVED.items():
         if folder == where and name.endswith(suffix) and (where or name == suffix):
             return kind
-    raise FileNotFoundError(f"{rel!r} is not a file the routes serve (plots, samples/*.png, lora/*.safetensors)")
+    raise FileNotFoundError(f"{rel!r} is not a file the routes serve (plots, samples/*.png|webp, lora/*.safetensors)")
 
 
 def _guard(fn):

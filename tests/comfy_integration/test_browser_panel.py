@@ -116,18 +116,42 @@ def _widget_problem(node_type, value, spec):
     return None
 
 
+def _pending_inputs(wf: dict, info: dict) -> list[str]:
+    """Inputs a workflow names (widgets_values_named) that this server's nodes do not have yet, e.g. the
+    Train node's `length` before the comfy video policy lands (its last widget: the values before it
+    still line up, and the frontend ignores the extra value)."""
+    missing = []
+    for n in wf["nodes"]:
+        spec = info.get(n["type"], {}).get("input", {})
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        missing += [f"{n['type']}.{k}" for k in n.get("widgets_values_named", {}) if k not in known
+                    and k != "control_after_generate"]
+    return missing
+
+
 def test_workflows_load_in_the_frontend_with_values_on_the_right_widgets(comfy_server, tmp_path):
     folder = Path(os.environ.get("EGRPO_WORKFLOWS_DIR") or REPO / "workflows")  # override: check candidate files
+    info = comfy_server.http("/api/object_info")
     workflows = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     assert workflows, folder
+    pending = {name: _pending_inputs(wf, info) for name, wf in workflows.items()}
+    for name, missing in pending.items():
+        if missing:
+            print(f"{name}: not checked by name, this server's nodes lack {', '.join(missing)}", file=sys.stderr)
     r = _run_browser({"url": comfy_server.url, "chromium": CHROMIUM, "timeoutMs": 120_000,
                       "checkWorkflows": workflows}, tmp_path)
     assert "error" not in r, r
-    info = comfy_server.http("/api/object_info")
     problems = []
     for wf_name, nodes in r["workflows"].items():
+        named = {n["id"]: n.get("widgets_values_named", {}) for n in workflows[wf_name]["nodes"]}
         for node in nodes:
             where = f"{wf_name}: node {node['id']} {node['type']}"
+            got = {w["name"]: w["value"] for w in node["widgets"]}
+            for key, value in named.get(node["id"], {}).items():  # by name: e.g. length on the length widget
+                if f"{node['type']}.{key}" in pending[wf_name]:
+                    continue
+                if got.get(key) != value:
+                    problems.append(f"{where}: widget {key} = {got.get(key)!r}, the workflow says {value!r}")
             if not node["has_class"] or node["type"] not in info:
                 problems.append(f"{where}: unknown node type")
                 continue
@@ -144,3 +168,27 @@ def test_workflows_load_in_the_frontend_with_values_on_the_right_widgets(comfy_s
                     problems.append(f"{where}: widget {w['name']}: {bad}")
     print("\n".join(problems) or "all widget values fit their widgets")
     assert not problems, "\n".join(problems)
+
+
+VIDEO_WORKFLOWS = ("egrpo_train_wan21_lora.json", "egrpo_train_wan22_5b_lora.json", "egrpo_train_hunyuan_video_lora.json")
+
+
+def test_video_workflows_load_in_the_frontend(comfy_server, tmp_path):
+    """Wan 2.x and HunyuanVideo: every node type exists in this ComfyUI and the Train node's width,
+    height and length land on those widgets (skipped, with the reason, until the Train node has length)."""
+    info = comfy_server.http("/api/object_info")
+    workflows = {n: json.loads((REPO / "workflows" / n).read_text()) for n in VIDEO_WORKFLOWS}
+    missing = sorted({m for wf in workflows.values() for m in _pending_inputs(wf, info)})
+    if missing:
+        pytest.skip(f"this server's nodes lack {', '.join(missing)} (the Train node's length comes with the comfy "
+                    "video policy); the video workflows load once it is there")
+    r = _run_browser({"url": comfy_server.url, "chromium": CHROMIUM, "timeoutMs": 120_000,
+                      "checkWorkflows": workflows}, tmp_path)
+    assert "error" not in r, r
+    for name, nodes in r["workflows"].items():
+        assert all(n["has_class"] for n in nodes), (name, [n["type"] for n in nodes if not n["has_class"]])
+        train = next(n for n in nodes if n["type"] == "EGRPOTrainLora")
+        got = {w["name"]: w["value"] for w in train["widgets"]}
+        want = next(n for n in workflows[name]["nodes"] if n["type"] == "EGRPOTrainLora")["widgets_values_named"]
+        assert {k: got.get(k) for k in ("width", "height", "length", "device")} == \
+            {k: want[k] for k in ("width", "height", "length", "device")}, name
