@@ -274,7 +274,7 @@ def train(family):
     ctx = CONTEXT.get(family, 32)
     prompts = ["a red cube", "a blue ball"]
     cache = folder / "conds_train.safetensors"
-    length = 1  # video families: one frame, still a 5-D latent [B, C, 1, H, W]; video rewards score frames elsewhere
+    length = 1 if len(latent) == 3 or latent[1] == 1 else 5  # video: 5 frames -> 2 latent frames, clips scored per frame
     job = folder / "job"
     spec = {"model": {"source": "comfy", "path": str(path),
                       "comfy": {"comfy_root": ROOT, "kind": "diffusion_model", "vae": "", "cond_cache": str(cache),
