@@ -96,6 +96,8 @@ def families():
               "n_layers": 1, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
               "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
               "z_image_modulation": True, "time_scale": 1000.0}
+    ltxv = {"image_model": "ltxv", "num_layers": 1, "attention_head_dim": 4, "cross_attention_dim": 128,
+            "use_keyframes_abs_pos_embedding": False}
     mask = {"attention_mask": torch.ones(1, TOK, dtype=torch.long)}
     return {
         "flux": ("Flux", flux, (16, 8, 8), 64, {"pooled_output": t(1, 32, seed=2)}),
@@ -109,10 +111,19 @@ def families():
         "wan21": ("WAN21_T2V", wan, (16, 2, 8, 8), 64, {}),
         "wan22": ("WAN22_T2V", wan22, (48, 2, 4, 4), 64, {}),
         "hunyuan_video": ("HunyuanVideo", hyv, (16, 2, 8, 8), 64, {"pooled_output": t(1, 768, seed=2)}),
+        "ltxv": ("LTXV", ltxv, (128, 2, 2, 2), 64, dict(mask)),  # its T5 encoder always returns a mask
     }
 
 
-CONTEXT = {"qwen_image": 3584, "wan21": 4096, "wan22": 4096}  # text widths the detection does not read
+CONTEXT = {"qwen_image": 3584, "wan21": 4096, "wan22": 4096, "ltxv": 4096}  # text widths the detection does not read
+TEMPORAL = {"ltxv": 8}  # pixel frames per latent frame after the first (4 for the others)
+
+
+def pixel_length(family, latent):
+    """The `length` whose empty latent has this latent's frames (1 for image latents)."""
+    if len(latent) == 3 or latent[1] == 1:
+        return 1
+    return (latent[1] - 1) * TEMPORAL.get(family, 4) + 1
 
 
 def make_model(family, cls_name, config, path):
@@ -228,7 +239,7 @@ def check(family, variant="plain"):
 
     cache = folder / f"conds_{variant}.safetensors"
     encode_prompts(StandInClip({"p": conditioning}), ["p"], cache)
-    length = 1 if len(latent) == 3 or latent[1] == 1 else (latent[1] - 1) * 4 + 1
+    length = pixel_length(family, latent)
     spec = ModelSpec(source="comfy", path=str(path), comfy=ComfySpec(
         comfy_root=ROOT, kind="diffusion_model", vae="", cond_cache=str(cache), width=px, height=px,
         length=length, **keys))
@@ -274,7 +285,7 @@ def train(family):
     ctx = CONTEXT.get(family, 32)
     prompts = ["a red cube", "a blue ball"]
     cache = folder / "conds_train.safetensors"
-    length = 1 if len(latent) == 3 or latent[1] == 1 else 5  # video: 5 frames -> 2 latent frames, clips scored per frame
+    length = pixel_length(family, latent)  # video: 2 latent frames (5 or 9 pixel frames), clips scored per frame
     job = folder / "job"
     spec = {"model": {"source": "comfy", "path": str(path),
                       "comfy": {"comfy_root": ROOT, "kind": "diffusion_model", "vae": "", "cond_cache": str(cache),
