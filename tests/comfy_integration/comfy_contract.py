@@ -98,6 +98,8 @@ def families():
               "z_image_modulation": True, "time_scale": 1000.0}
     ltxv = {"image_model": "ltxv", "num_layers": 1, "attention_head_dim": 4, "cross_attention_dim": 128,
             "use_keyframes_abs_pos_embedding": False}
+    kandinsky = {"image_model": "kandinsky5", "model_dim": 128, "time_dim": 64, "ff_dim": 256, "visual_embed_dim": 132,
+                 "num_text_blocks": 1, "num_visual_blocks": 1}
     mask = {"attention_mask": torch.ones(1, TOK, dtype=torch.long)}
     return {
         "flux": ("Flux", flux, (16, 8, 8), 64, {"pooled_output": t(1, 32, seed=2)}),
@@ -111,12 +113,16 @@ def families():
         "wan21": ("WAN21_T2V", wan, (16, 2, 8, 8), 64, {}),
         "wan22": ("WAN22_T2V", wan22, (48, 2, 4, 4), 64, {}),
         "hunyuan_video": ("HunyuanVideo", hyv, (16, 2, 8, 8), 64, {"pooled_output": t(1, 768, seed=2)}),
+        "kandinsky5": ("Kandinsky5", kandinsky, (16, 2, 8, 8), 64, {"pooled_output": t(1, 768, seed=2)}),
         "ltxv": ("LTXV", ltxv, (128, 2, 2, 2), 64, dict(mask)),  # its T5 encoder always returns a mask
     }
 
 
-CONTEXT = {"qwen_image": 3584, "wan21": 4096, "wan22": 4096, "ltxv": 4096}  # text widths the detection does not read
-TEMPORAL = {"ltxv": 8}  # pixel frames per latent frame after the first (4 for the others)
+CONTEXT = {"qwen_image": 3584, "wan21": 4096, "wan22": 4096, "ltxv": 4096, "kandinsky5": 3584}  # text widths the detection does not read
+TEMPORAL = {"ltxv": 8}
+# Families whose attention layers the default LoRA targets do not name (the job says so and lists its Linears):
+# the user sets lora.target_modules in spec_overrides, as here.
+LORA_TARGETS = {"kandinsky5": {"target_modules": ["to_query", "to_key", "to_value"]}}  # pixel frames per latent frame after the first (4 for the others)
 
 
 def pixel_length(family, latent):
@@ -292,7 +298,7 @@ def train(family):
                                 "width": px, "height": px, "length": length}},
             "prompts": prompts, "rewards": [{"name": "jpeg_compressibility"}],
             "algorithm": {"steps": 4, "active": "0-1", "group_size": 2, "clip_range": 0.2},
-            "lora": {"rank": 2, "alpha": 2.0},
+            "lora": {"rank": 2, "alpha": 2.0, **LORA_TARGETS.get(family, {})},
             "train": {"iterations": 2, "prompts_per_iteration": 1, "lr": 1e-2, "device": "cpu", "threads": 2,
                       "sample_every": 100, "checkpoint_every": 100},
             "output": {"name": f"tiny_{family}", "formats": ["kohya"]}}

@@ -26,11 +26,12 @@ import pytest
 from comfy_itest import COMFY, COMFY_PYTHON, HERE
 
 FAMILIES = ["flux", "flux2", "chroma", "sd3", "qwen_image", "lumina2", "zimage", "hunyuan_image21", "wan21", "wan22",
-            "hunyuan_video", "ltxv"]
-VIDEO = {"wan21", "wan22", "hunyuan_video", "ltxv"}
+            "hunyuan_video", "ltxv", "kandinsky5"]
+VIDEO = {"wan21", "wan22", "hunyuan_video", "ltxv", "kandinsky5"}
 EXPECTED_CLASS = {"flux": "Flux", "flux2": "Flux2", "chroma": "Chroma", "sd3": "SD3", "qwen_image": "QwenImage",
                   "lumina2": "Lumina2", "zimage": "ZImage", "hunyuan_image21": "HunyuanImage21",
-                  "wan21": "WAN21_T2V", "wan22": "WAN22_T2V", "hunyuan_video": "HunyuanVideo", "ltxv": "LTXV"}
+                  "wan21": "WAN21_T2V", "wan22": "WAN22_T2V", "hunyuan_video": "HunyuanVideo", "ltxv": "LTXV",
+                  "kandinsky5": "Kandinsky5"}
 VARIANTS = ["flux:flux_guidance", "flux:lora", "sd3:shift", "wan22:lora"]
 # 2-iteration jobs of 5-8 CPU minutes each (widths of 2304-5120 hard-coded by detection): run with
 # EGRPO_CONTRACT_HEAVY=1 (README's table reports their last run); their velocity contract always runs.
