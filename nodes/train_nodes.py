@@ -125,6 +125,16 @@ def comfy_graph_keys(model, shift: float, plan) -> dict:
     return keys
 
 
+def check_latent(model, width: int, height: int, length: int) -> None:
+    """The job's latent shape for this MODEL (egrpo_backend/policies/comfy_latents.py), checked here so that
+    frames on an image model, or an audio / 3D model, are the node's error and not a failed job."""
+    from egrpo_backend.policies.comfy_latents import latent_shape
+
+    latent_format = getattr(getattr(getattr(model, "patcher", model), "model", None), "latent_format", None)
+    if latent_format is not None:
+        latent_shape(latent_format, None, width, height, length)
+
+
 class TrainLoraNode(io.ComfyNode):
     """Starts an E-GRPO LoRA training job in the background and returns its JOB id within seconds."""
 
@@ -229,6 +239,7 @@ class TrainLoraNode(io.ComfyNode):
                 raise ValueError("source = comfy needs prompts: connect an E-GRPO Prompt List")
             files = comfy_model_files(model, vae, vae_name)
             graph = comfy_graph_keys(model, shift, plan)
+            check_latent(model, width, height, length)
             identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
             spec["model"]["path"] = files["path"]
             # Overrides cannot hold these keys (refused above): anything left there is unknown and JobSpec names it.

@@ -123,3 +123,11 @@ def test_comfy_spec_fields_are_validated(comfy, needle):
     with pytest.raises(SpecError) as e:
         JobSpec.from_dict(spec)
     assert needle in str(e.value)
+
+
+def test_frames_on_an_image_model_are_a_node_error(recording_manager, tmp_path):
+    base = type("Flux", (), {"model_config": SimpleNamespace(unet_config={"in_channels": 16, "out_channels": 16}),
+                             "latent_format": type("Flux", (), {"latent_channels": 16, "latent_dimensions": 2})()})()
+    with pytest.raises(ValueError, match="length = 33 but this model makes images"):
+        train_nodes.TrainLoraNode.execute(**TRAIN, **patched(tmp_path, base=base), length=33)
+    assert no_job_folder(recording_manager)
