@@ -378,6 +378,9 @@ class JobSpec:
     def validate(self) -> "JobSpec":
         for part in (self.model, self.algorithm, self.lora, self.train, self.output):
             part.validate()
+        if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
+            raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
+                            "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
         self.prompt_list()  # resolves and checks the prompt file
         if self.eval_prompts:
             self.prompt_list(eval=True)

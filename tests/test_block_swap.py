@@ -163,6 +163,9 @@ def test_spec_refuses_swap_without_checkpointing_and_turns_it_on():
                                      "gradient_checkpointing": "off"}, "prompts": ["a"]})
     with pytest.raises(SpecError, match="default model .* nothing to swap"):
         JobSpec.from_dict({"model": {"offload_blocks": "auto"}, "prompts": ["a"]})
+    with pytest.raises(SpecError, match="offload_blocks with train.parallel 'fsdp'"):
+        JobSpec.from_dict({"model": {"source": "diffusers", "path": "/x", "offload_blocks": 4}, "prompts": ["a"],
+                           "train": {"parallel": "fsdp"}})
     spec = JobSpec.from_dict({"model": {"source": "diffusers", "path": "/x", "offload_blocks": "auto"}, "prompts": ["a"]})
     assert spec.model.gradient_checkpointing_on(torch.device("cpu"))
 
