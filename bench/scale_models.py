@@ -290,3 +290,28 @@ def large_family_on_meta(family: LargeFamily, compute: torch.dtype, storage: tor
     model.to(dtype=compute)
     store_weights(model, storage, compute)
     return model
+
+
+# --- tiny widths: the same classes and code paths at a size a CPU test runs in seconds (bench/scale_gpu.py --tiny)
+TINY_WIDTH = {"num_attention_heads": 2, "attention_head_dim": 16, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+              "caption_projection_dim": 32, "text_dim": 32, "ffn_dim": 32}
+
+
+def tiny_config(config: dict, depth: int = 1, depth_keys=("num_layers", "num_single_layers")) -> dict:
+    """`config` at TINY_WIDTH and `depth` blocks of each kind (rope axes shrunk to the head size)."""
+    out = {**config, **{k: v for k, v in TINY_WIDTH.items() if k in config}}
+    for k in depth_keys:
+        if k in out:
+            out[k] = min(depth, out[k])
+    if "axes_dims_rope" in out:
+        out["axes_dims_rope"] = (4, 6, 6) if len(out["axes_dims_rope"]) == 3 else (4, 4, 4, 4)
+    if "dual_attention_layers" in out:
+        out["dual_attention_layers"] = ()
+    return out
+
+
+def tiny_card(card: ModelCard) -> ModelCard:
+    """The card at tiny width and depth 1, with conds of its tiny text width."""
+    return ModelCard(**{**card.__dict__, "name": card.name, "config": tiny_config(card.config, 1, card.depth_keys),
+                        "text_dim": TINY_WIDTH["joint_attention_dim"],
+                        "pooled_dim": TINY_WIDTH["pooled_projection_dim"] if card.pooled_dim else 0, "text_tokens": 8})

@@ -31,6 +31,10 @@ def test_scale_bench_depth_1_on_cpu(tmp_path):
         assert ran["phases"][phase]["seconds"] > 0, phase
         assert "peak_mem_gb" in ran["phases"][phase]  # None on the CPU (no per-phase allocator peak)
     assert ran["weights_gb"] > 0 and ran["nfe_per_second"] > 0 and ran["overhead_ratio"] > 0
+    # an update sample counts as its measured forward + backward, so the honest ratio is the lower one
+    assert ran["update_cost_forwards"] > 1 and ran["overhead_ratio"] < ran["overhead_ratio_update_as_one"]
+    it = ran["iterations"][0]
+    assert it["samples_grad"] > 0 and it["samples_no_grad"] >= it["nfe_rollout"]
     assert ran["ratio_first_dev"] < 1e-4  # float32: rollout and update forwards agree
     assert "| sd3.5-medium | egrpo_fast | 64 |" in (tmp_path / "scale_cpu.md").read_text()
 
@@ -106,3 +110,28 @@ def test_meta_attention_keeps_what_flash_attention_keeps():
             torch.nn.functional.scaled_dot_product_attention(q, q, q)
     peak = trace_peak(attend)
     assert peak < scores / 4 and peak >= q.numel() * 2  # output + a float32 logsumexp per row, never N x N
+
+
+def test_overhead_counts_an_update_sample_at_its_measured_cost():
+    import scale
+
+    # 100 no-grad samples at 1 s each + 10 update samples at 3.5 forwards: 135 s of model time
+    assert scale.overhead_ratio(135.0, 100, 10, 1.0, 3.5) == pytest.approx(1.0)
+    assert scale.overhead_ratio(155.25, 100, 10, 1.0, 3.5) == pytest.approx(1.15)
+    # the old accounting (an update sample as one forward) read the same run as 1.41
+    assert 155.25 / (110 * 1.0) == pytest.approx(1.41, abs=0.01)
+
+
+def test_call_counter_splits_samples_by_grad():
+    import scale
+
+    class Policy:
+        def velocity(self, x, sigma, cond):
+            return x * 2
+
+    p = Policy()
+    calls = scale.CallCounter(p)
+    with torch.no_grad():
+        p.velocity(torch.ones(3, 2), None, None)
+    p.velocity(torch.ones(2, 2, requires_grad=True), None, None)
+    assert calls.take() == (3, 2) and calls.take() == (0, 0)
