@@ -243,7 +243,8 @@ def comfy_policy(args, device, compute, res, out_dir: Path):
     from egrpo_backend.policies.comfy_policy import load_comfy_policy
 
     cache = out_dir / "comfy_conds.safetensors"
-    conds = RandomConds(MODELS["flux-dev"], torch.float32, args.text_tokens or None)([PROMPT])
+    card = tiny_card(MODELS["flux-dev"]) if args.tiny else MODELS["flux-dev"]
+    conds = RandomConds(card, torch.float32, args.text_tokens or None)([PROMPT])
     atomic_save_safetensors({"cond.0": conds["encoder_hidden_states"][0], "pooled.0": conds["pooled_projections"][0]},
                             cache, {"prompts": json.dumps([PROMPT])})
     spec = ModelSpec(source="comfy", path=args.comfy_model, weight_dtype="auto",
@@ -428,7 +429,8 @@ def attach_estimate(record: dict) -> None:
             record["estimate"] = {"peak_gb": row["peak_gb"], "phases_gb": row["phases_gb"], "estimated": True}
 
 
-def main(argv=None) -> dict:
+def main(argv=None, shared: dict | None = None) -> dict:
+    """shared: the VAE and reward built so far, kept across calls (bench/scale_gpu.py runs several)."""
     args = parse_args(argv)
     from egrpo_backend.dtypes import resolve_compute_dtype, resolve_storage_dtype
     from egrpo_backend.policies import resolve_device
@@ -445,7 +447,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "depth": args.depth or "full",
             "group_size": args.group_size, "steps": args.steps, "micro_batch": args.micro_batch,
             "budget_seconds": args.budget_seconds, "argv": list(argv) if argv is not None else sys.argv[1:]}
-    results, shared = [], {}
+    results, shared = [], {} if shared is None else shared
     for model, preset, res in configurations(args):
         left = None if deadline is None else deadline - time.perf_counter()
         print(f"== {model} {preset} {res}px" + ("" if left is None else f" ({left:.0f} s of budget left)"), flush=True)

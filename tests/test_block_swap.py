@@ -13,6 +13,7 @@ from egrpo_backend import lora
 from egrpo_backend.config import JobSpec, SpecError
 from egrpo_backend.policies import block_swap
 from egrpo_backend.policies.diffusers_policy import DiffusersPolicy
+from test_diffusers_pipeline import sd3_folder  # noqa: F401  (fixture: a real tiny SD3 pipeline folder)
 from tiny_models import ByteTextEncoder
 
 LATENT = (4, 8, 8)
@@ -219,3 +220,28 @@ def test_comfy_blocks_swap_through_comfy_checkpointing():
             assert dict(swap.moves) == {n: 2 for n in swap.names}  # forward + recompute inside comfy's checkpoint
     (v0, g0), (v1, g1) = outs
     assert torch.equal(v0, v1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_a_job_with_block_swap_trains_the_same_lora(sd3_folder, tmp_path):  # noqa: F811
+    """The spec field end to end: build_trainer -> policy with swap -> one E-GRPO iteration -> the same LoRA."""
+    from egrpo_backend.build import build_trainer
+
+    def train(offload):
+        job = tmp_path / f"job{offload}"
+        job.mkdir()
+        spec = JobSpec.from_dict({"model": {"source": "diffusers", "path": str(sd3_folder), "offload_blocks": offload,
+                                            "gradient_checkpointing": "on"},
+                                  "prompts": ["a red cat"], "rewards": [{"name": "jpeg_compressibility"}],
+                                  "algorithm": {"steps": 4, "active": "0-1", "group_size": 2},
+                                  "train": {"device": "cpu", "evaluate": False, "iterations": 1}})
+        trainer = build_trainer(spec, job_dir=job)
+        trainer.step()
+        return trainer.policy
+
+    plain, swapped = train(0), train(1)
+    assert plain.block_swap is None and swapped.block_swap.names == ["transformer_blocks.1"]
+    assert swapped.block_swap.moves["transformer_blocks.1"] > 2  # rollout forwards, update forward and recompute
+    after = [lora.lora_parameters(p.lora_model()) for p in (plain, swapped)]
+    assert all(torch.equal(a, b) for a, b in zip(*after)) and len(after[0]) == len(after[1]) > 0
+    ups = [q for n, q in swapped.lora_model().named_parameters() if "lora_B" in n]
+    assert ups and any(q.abs().sum() > 0 for q in ups)  # lora_B starts at zero: the iteration did train

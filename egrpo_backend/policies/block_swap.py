@@ -51,11 +51,24 @@ def _adapter_name(name: str) -> bool:
     return any(re.search(p, name) for p in _adapter_patterns())
 
 
+def _blocks_root(model: torch.nn.Module) -> torch.nn.Module:
+    root = getattr(model, "diffusion_model", None)
+    return root if isinstance(root, torch.nn.Module) else model
+
+
+def adopt_lora(model: torch.nn.Module) -> None:
+    """After a LoRA is injected into `model` (the policy's lora_model()): its parameters in swapped blocks,
+    which peft made on the host beside their base layer, move to the device now, before an optimizer or a
+    data-parallel wrapper sees them. A no-op without block swap."""
+    swap = getattr(model, "_block_swap", None)
+    if swap is not None:
+        swap.adopt_new_parameters()
+
+
 def swappable_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, block) of every block in run order: the ModuleList children of the model (of
     `model.diffusion_model` for a ComfyUI BaseModel)."""
-    root = getattr(model, "diffusion_model", None)
-    root = root if isinstance(root, torch.nn.Module) else model
+    root = _blocks_root(model)
     return [(f"{list_name}.{i}", block) for list_name, child in root.named_children()
             if isinstance(child, torch.nn.ModuleList) for i, block in enumerate(child)]
 
@@ -262,6 +275,7 @@ def place(model: torch.nn.Module, device, offload_blocks=0) -> BlockSwap | None:
             if b is not None:
                 module._buffers[name] = b.to(device)
     swap = BlockSwap(swapped, device)
+    _blocks_root(model)._block_swap = swap  # adopt_lora finds it from the module that carries the LoRA
     for name, block in swapped:
         _wrap(block, lambda forward, *a, __n=name, **k: swap.run(__n, forward, *a, **k))
     if resident:
