@@ -76,6 +76,8 @@ def parse_args(argv=None):
                          "first iteration from the measured peaks (auto; egrpo_backend/memory_plan.py)")
     ap.add_argument("--adapt-decode", action="store_true", help="after the first iteration, raise train.decode_batch "
                     "to what the measured decode peak allows (memory_plan.chunk_size)")
+    ap.add_argument("--memory-cap-gb", type=float, default=0, help="CUDA: cap this process's device memory at this "
+                    "many GiB (torch.cuda.set_per_process_memory_fraction), to show a configuration fits a smaller card")
     ap.add_argument("--tiny", action="store_true", help="every model at tiny width and depth 1 (CPU tests of this script)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--comfy-root", default="", help="ComfyUI folder for the comfy configuration")
@@ -272,6 +274,10 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
         return {**record, "skipped": f"this diffusers has no {card.cls}"}
     card = tiny_card(card) if args.tiny else card
     t0 = time.perf_counter()
+    if args.memory_cap_gb and device.type == "cuda":  # an allocation past the cap raises out of memory, as on that card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+        record["memory_cap_gb"] = args.memory_cap_gb
     if "vae" not in shared or shared["vae_card"] != card.name:
         shared.pop("vae", None)
         free(device)
@@ -342,7 +348,8 @@ def adapt_memory(args, trainer, reward, phases: dict, device, resident_gb: float
     (--adapt-decode). egrpo_backend/memory_plan.py decides from the measured bytes."""
     from egrpo_backend.memory_plan import chunk_size, reward_stays_on_device
 
-    total, gib, out = torch.cuda.get_device_properties(device).total_memory, 2**30, {}
+    gib, out = 2**30, {}
+    total = int(args.memory_cap_gb * gib) if args.memory_cap_gb else torch.cuda.get_device_properties(device).total_memory
     peak = {k: (v["peak_mem_gb"] or 0.0) * gib for k, v in phases.items()}
     if args.reward_offload == "auto" and reward.offload:
         reward_bytes = sum(p.numel() * p.element_size() for p in reward.model.parameters())
@@ -463,6 +470,8 @@ def main(argv=None, shared: dict | None = None) -> dict:
                 record = {"model": model, "preset": preset, "resolution": res, "error": f"{type(e).__name__}: {e}"[:500],
                           "traceback": traceback.format_exc()[-3000:]}
                 free(device)
+        if args.memory_cap_gb and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
         attach_estimate(record)
         if "skipped" in record or "error" in record:
             print(f"  skipped: {record.get('skipped') or record.get('error')}", flush=True)

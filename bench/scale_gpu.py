@@ -6,7 +6,8 @@ under one wall-clock budget, one printed table at the end.
 
 Steps (random weights at the published sizes, bench/scale_models.py; nothing downloaded):
   1. FLUX.1-dev fp8, 1024 px, egrpo_fast, diffusers path (bench/scale.py);
-  2. Qwen-Image fp8, 1024 px, egrpo_fast, block swap "auto" (model.offload_blocks);
+  2. Qwen-Image fp8, 1024 px, egrpo_fast, block swap: the blocks and batches the memory estimate fits on a
+     24 GB card, run under a 24 GiB cap (torch.cuda.set_per_process_memory_fraction);
   3. FLUX.1-dev fp8, 1024 px, egrpo_fast, comfy path: the same random transformer saved as a diffusers-format
      file that ComfyUI's loader converts (needs COMFYUI_PATH; skipped with the reason otherwise);
   4. Wan 2.2 5B, 480 x 832 x 33 frames: the transformer alone (no-grad forward and forward + backward with
@@ -138,6 +139,18 @@ def video_transformer(a, device, deadline: float) -> dict:
     return record
 
 
+def qwen_24gb_args() -> list[str]:
+    """Qwen-Image 1024 px as the memory estimate fits it on a 24 GB card (blocks to swap and batches, from
+    bench/results/memory_estimates.json), run under a 24 GiB cap so that fitting is measured, not assumed."""
+    import memory_estimate
+
+    rows = json.loads((ROOT / "bench" / "results" / "memory_estimates.json").read_text())["rows"]
+    best = memory_estimate.best_on_card([r for r in rows if (r["model"], r["resolution"]) == ("qwen-image", 1024)], 24)
+    r = best["row"]
+    return ["--offload-blocks", str(best["swap"]), "--memory-cap-gb", "24", "--rollout-batch", str(r["rollout_batch"]),
+            "--micro-batch", str(r["micro_batch"]), "--decode-batch", str(r["decode_batch"])]
+
+
 def multi_gpu(a, deadline: float) -> list[dict]:
     """DDP and FSDP2 at 1 and 2 ranks (bench/scale_out.py's job on CUDA) when 2+ GPUs are present."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -207,7 +220,7 @@ def main(argv=None) -> dict:
 
     step("flux-dev egrpo_fast", lambda: run_scale(scale_args(a, "flux-dev", "egrpo_fast", res, work / "flux_fast", deadline), "flux egrpo_fast"))
     step("qwen-image swap", lambda: run_scale(scale_args(a, "qwen-image", "egrpo_fast", res, work / "qwen_swap", deadline,
-                                                         ["--offload-blocks", "1" if a.tiny else "auto"]), "qwen swap"))
+                                                         ["--offload-blocks", "1"] if a.tiny else qwen_24gb_args()), "qwen swap"))
     step("comfy egrpo_fast", lambda: comfy("egrpo_fast"))
     step("wan2.2-5b", lambda: video_transformer(a, device, deadline))
     if a.tiny:  # the same code path as egrpo_fast with another preset: not worth a CPU test's time

@@ -95,13 +95,14 @@ def auto_offload_blocks(block_bytes: list[int], other_bytes: int, free_bytes: in
 
 
 def resolve_offload_blocks(value, blocks: list[tuple[str, torch.nn.Module]], other_bytes: int,
-                           device: torch.device) -> int:
-    """An int N, or "auto" resolved from the device's free memory (0 off CUDA: host memory is device memory)."""
+                           device: torch.device, on_device_bytes: int = 0) -> int:
+    """An int N, or "auto" resolved from the device's free memory (0 off CUDA: host memory is device memory).
+    on_device_bytes: the model's bytes already on the device (they count as free: the model is being placed)."""
     if value == "auto":
         if device.type != "cuda":
             return 0
         free, _ = torch.cuda.mem_get_info(device)
-        return auto_offload_blocks([base_bytes(b) for _, b in blocks], other_bytes, free)
+        return auto_offload_blocks([base_bytes(b) for _, b in blocks], other_bytes, free + on_device_bytes)
     n = int(value)
     if not 0 <= n <= len(blocks):
         raise ValueError(f"model.offload_blocks = {n}, but this model has {len(blocks)} blocks "
@@ -258,7 +259,8 @@ def place(model: torch.nn.Module, device, offload_blocks=0) -> BlockSwap | None:
                          "set model.offload_blocks to 0")
     block_ids = {id(p) for _, b in blocks for p in b.parameters()}
     other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in block_ids)
-    n = resolve_offload_blocks(offload_blocks, blocks, other, device)
+    on_device = sum(p.numel() * p.element_size() for p in model.parameters() if p.device == device)
+    n = resolve_offload_blocks(offload_blocks, blocks, other, device, on_device)
     swapped, resident = blocks[len(blocks) - n:], blocks[: len(blocks) - n]
     if n == 0:
         model.to(device)
