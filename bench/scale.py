@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from scale_models import (  # noqa: E402
-    MODELS, RandomConds, available, build_clip_h_reward, build_transformer, build_vae, tiny_card)
+    MODELS, RandomConds, available, build_clip_h_reward, build_transformer, build_vae, tiny_card, tiny_comfy_flux_card)
 
 PRESETS = ("egrpo_fast", "egrpo")
 RESOLUTIONS = (1024, 512)
@@ -245,10 +245,14 @@ def comfy_policy(args, device, compute, res, out_dir: Path):
     from egrpo_backend.policies.comfy_policy import load_comfy_policy
 
     cache = out_dir / "comfy_conds.safetensors"
-    card = tiny_card(MODELS["flux-dev"]) if args.tiny else MODELS["flux-dev"]
-    conds = RandomConds(card, torch.float32, args.text_tokens or None)([PROMPT])
-    atomic_save_safetensors({"cond.0": conds["encoder_hidden_states"][0], "pooled.0": conds["pooled_projections"][0]},
-                            cache, {"prompts": json.dumps([PROMPT])})
+    card = tiny_comfy_flux_card() if args.tiny else MODELS["flux-dev"]
+    prompts = [PROMPT, ""]  # the trainer also encodes the (empty) negative prompt
+    conds = RandomConds(card, torch.float32, args.text_tokens or None)(prompts)
+    tensors = {}
+    for i in range(len(prompts)):  # [1, tokens, dim] per prompt, as the Train node writes them
+        tensors[f"cond.{i}"] = conds["encoder_hidden_states"][i : i + 1]
+        tensors[f"pooled.{i}"] = conds["pooled_projections"][i : i + 1]
+    atomic_save_safetensors(tensors, cache, {"prompts": json.dumps(prompts)})
     spec = ModelSpec(source="comfy", path=args.comfy_model, weight_dtype="auto",
                      comfy=ComfySpec(comfy_root=args.comfy_root, cond_cache=str(cache), width=res, height=res))
     return load_comfy_policy(spec, device, compute, gradient_checkpointing=True)

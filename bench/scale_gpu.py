@@ -68,11 +68,11 @@ def write_comfy_file(a, device, out: Path) -> Path:
     """The random FLUX.1-dev transformer (fp8 blocks) as a diffusers-format safetensors file: ComfyUI's
     load_diffusion_model converts diffusers keys (comfy/model_detection.convert_diffusers_mmdit)."""
     from safetensors.torch import save_file
-    from scale_models import MODELS, build_transformer, tiny_card
+    from scale_models import MODELS, build_transformer, tiny_comfy_flux_card
 
     from egrpo_backend.dtypes import resolve_compute_dtype
 
-    card = tiny_card(MODELS["flux-dev"]) if a.tiny else MODELS["flux-dev"]
+    card = tiny_comfy_flux_card() if a.tiny else MODELS["flux-dev"]
     compute = resolve_compute_dtype("auto", device)
     storage = compute if a.tiny else torch.float8_e4m3fn
     model = build_transformer(card, None, device, compute, storage)

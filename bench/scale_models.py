@@ -315,3 +315,11 @@ def tiny_card(card: ModelCard) -> ModelCard:
     return ModelCard(**{**card.__dict__, "name": card.name, "config": tiny_config(card.config, 1, card.depth_keys),
                         "text_dim": TINY_WIDTH["joint_attention_dim"],
                         "pooled_dim": TINY_WIDTH["pooled_projection_dim"] if card.pooled_dim else 0, "text_tokens": 8})
+
+
+def tiny_comfy_flux_card() -> ModelCard:
+    """FLUX.1-dev at tiny width for ComfyUI's loader, which reads a diffusers-format file's heads as hidden / 128:
+    one head of 128 (rope axes 16 + 56 + 56, as FLUX's own)."""
+    card = tiny_card(MODELS["flux-dev"])
+    return ModelCard(**{**card.__dict__, "config": {**card.config, "num_attention_heads": 1, "attention_head_dim": 128,
+                                                    "axes_dims_rope": (16, 56, 56)}})
