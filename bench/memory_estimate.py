@@ -316,6 +316,13 @@ def estimate_large(family: LargeFamily, fit: dict, log=print) -> list[dict]:
     return rows
 
 
+def load_rows(path: Path) -> list[dict]:
+    """The rows of a memory_estimates.json, each with its model's blocks_gb (stored once per model)."""
+    data = json.loads(Path(path).read_text())
+    blocks = data.get("blocks_gb", {})
+    return [{**r, "blocks_gb": blocks[r["model"]]} if r["model"] in blocks else r for r in data["rows"]]
+
+
 def ensure_blocks(rows: list[dict]) -> None:
     """Add blocks_gb to rows written before block swap existed (counted on meta, no trace)."""
     cache: dict[str, list[float]] = {}
@@ -494,7 +501,7 @@ def main(argv=None):
 
     out = Path(a.out)
     if a.tables_only:
-        rows = [r for r in json.loads((out / "memory_estimates.json").read_text())["rows"] if not r.get("modelled")]
+        rows = [r for r in load_rows(out / "memory_estimates.json") if not r.get("modelled")]
     else:
         rows = []
         for name in a.models.split(","):
@@ -510,7 +517,10 @@ def main(argv=None):
         if hasattr(diffusers, family.cls):
             rows += estimate_large(family, fit)
     method = __doc__[__doc__.index("Method"):].strip()
-    atomic_write_json(out / "memory_estimates.json", {"method": method, "cards_gb": CARDS_GB, "activation_fit": fit, "rows": rows})
+    blocks = {r["model"]: r["blocks_gb"] for r in rows}  # once per model, not per row
+    atomic_write_json(out / "memory_estimates.json", {"method": method, "cards_gb": CARDS_GB, "activation_fit": fit,
+                                                      "blocks_gb": blocks,
+                                                      "rows": [{k: v for k, v in r.items() if k != "blocks_gb"} for r in rows]})
     traced = [r for r in rows if not r.get("modelled")]
     table, flux, swap = markdown(traced), flux_summary(traced), swap_table(rows, fit)
     atomic_write_text(out / "memory_estimates.md", table + "\n" + flux + "\n" + swap)

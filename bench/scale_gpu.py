@@ -144,7 +144,7 @@ def qwen_24gb_args() -> list[str]:
     bench/results/memory_estimates.json), run under a 24 GiB cap so that fitting is measured, not assumed."""
     import memory_estimate
 
-    rows = json.loads((ROOT / "bench" / "results" / "memory_estimates.json").read_text())["rows"]
+    rows = memory_estimate.load_rows(ROOT / "bench" / "results" / "memory_estimates.json")
     best = memory_estimate.best_on_card([r for r in rows if (r["model"], r["resolution"]) == ("qwen-image", 1024)], 24)
     r = best["row"]
     return ["--offload-blocks", str(best["swap"]), "--memory-cap-gb", "24", "--rollout-batch", str(r["rollout_batch"]),
