@@ -75,7 +75,8 @@ class ModelSpec:
     family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA, for comfy models, and with offload_blocks), on, off
+    offload_blocks: Any = 0  # block swap (docs/memory.md): the last N transformer blocks stream from host memory; "auto": from free memory
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
 
     def validate(self) -> None:
@@ -87,6 +88,16 @@ class ModelSpec:
         _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
         _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.offload_blocks != "auto" and (isinstance(self.offload_blocks, bool) or not isinstance(self.offload_blocks, int)
+                                              or self.offload_blocks < 0):
+            raise SpecError(f"model.offload_blocks = {self.offload_blocks!r} is not allowed; give a block count (an "
+                            "integer >= 0, 0 = no block swap) or 'auto' (from the device's free memory)")
+        if self.offload_blocks != 0 and self.source == "default":
+            raise SpecError("model.offload_blocks: the default model is tiny and has nothing to swap; set it to 0")
+        if self.offload_blocks != 0 and self.gradient_checkpointing == "off":
+            raise SpecError("model.offload_blocks needs gradient checkpointing (without it autograd keeps every swapped "
+                            "block's device copy until backward, so the update holds the whole model); set "
+                            "model.gradient_checkpointing to 'auto' or 'on', or model.offload_blocks to 0")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
         if self.source == "comfy":
@@ -97,7 +108,7 @@ class ModelSpec:
         place and so need recomputation to backpropagate at all (docs/memory.md)."""
         if self.gradient_checkpointing != "auto":
             return self.gradient_checkpointing == "on"
-        return device.type == "cuda" or self.source == "comfy"
+        return device.type == "cuda" or self.source == "comfy" or self.offload_blocks != 0
 
 
 @dataclass(init=False)
@@ -367,6 +378,9 @@ class JobSpec:
     def validate(self) -> "JobSpec":
         for part in (self.model, self.algorithm, self.lora, self.train, self.output):
             part.validate()
+        if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
+            raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
+                            "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
         self.prompt_list()  # resolves and checks the prompt file
         if self.eval_prompts:
             self.prompt_list(eval=True)

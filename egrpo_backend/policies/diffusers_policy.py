@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .. import lora as lora_lib
-from . import FAMILY_NAMES, weight_storage
+from . import FAMILY_NAMES, block_swap, weight_storage
 from .base import Cond, lora_disabled
 from .cond_cache import read_cond_cache, write_cond_cache
 from .text_encoders import PipelineTextEncoder, encoder_names, free_device_memory
@@ -102,12 +102,14 @@ class DiffusersPolicy:
          casts per layer (built in its storage dtype, e.g. by bench/scale.py) is used as it is.
     cond_cache: safetensors file of encoded prompts (cond_cache.py): read at start if it exists,
          rewritten whenever new prompts are encoded.
+    offload_blocks: the last N transformer blocks (or "auto") stay in host memory and stream in as they
+         run (block_swap.py); needs gradient checkpointing, which it turns on.
     """
 
     def __init__(self, transformer, encoder: Callable[[list[str]], Cond] | None, latent_shape, *, vae=None,
                  family: str = "auto", device="cpu", dtype: torch.dtype = torch.float32,
                  weight_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
-                 cond_cache: str | Path | None = None):
+                 cond_cache: str | Path | None = None, offload_blocks: int | str = 0):
         self.family = detect_family(transformer) if family == "auto" else family
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
@@ -118,8 +120,10 @@ class DiffusersPolicy:
             if next(transformer.parameters()).dtype != dtype:
                 transformer = transformer.to(dtype=dtype)  # before moving: the device never holds a wider copy
             weight_storage.store_weights(transformer, self.weight_dtype, dtype)
-        self.transformer = transformer.to(self.device).requires_grad_(False).eval()
         self.vae = vae.to(self.device).requires_grad_(False).eval() if vae is not None else None
+        self.block_swap = block_swap.place(transformer, self.device, offload_blocks)  # after the VAE: "auto" sees it
+        self.transformer = transformer.requires_grad_(False).eval()
+        gradient_checkpointing = gradient_checkpointing or self.block_swap is not None
         self.encoder = encoder
         self.latent_shape = tuple(latent_shape)
         self.cond_cache = Path(cond_cache) if cond_cache else None
@@ -175,6 +179,8 @@ class DiffusersPolicy:
         return self.transformer
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.block_swap is not None:  # a LoRA injected into swapped blocks went to the host with its base layer
+            self.block_swap.adopt_new_parameters()
         return lora_lib.lora_parameters(self.transformer)
 
     def set_lora_enabled(self, enabled: bool) -> None:
@@ -198,7 +204,8 @@ PIPELINE_UNSUPPORTED = {
 
 def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=torch.float32,
                           resolution: int = 0, gradient_checkpointing: bool = False,
-                          weight_dtype: torch.dtype | None = None, cond_cache: str | Path | None = None) -> DiffusersPolicy:
+                          weight_dtype: torch.dtype | None = None, cond_cache: str | Path | None = None,
+                          offload_blocks: int | str = 0) -> DiffusersPolicy:
     """A policy from a local diffusers pipeline folder (model_index.json). Never downloads.
 
     The transformer and VAE load now; the text encoders load only if a prompt is not in cond_cache
@@ -227,7 +234,8 @@ def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=t
         raise ValueError(f"resolution {res} must be a multiple of {vae_factor * 2} for this model")
     latent = (vae.config.latent_channels, res // vae_factor, res // vae_factor)
     policy = DiffusersPolicy(transformer, None, latent, vae=vae, family=fam, device=device, dtype=dtype,
-                             weight_dtype=weight_dtype, gradient_checkpointing=gradient_checkpointing, cond_cache=cond_cache)
+                             weight_dtype=weight_dtype, gradient_checkpointing=gradient_checkpointing, cond_cache=cond_cache,
+                             offload_blocks=offload_blocks)
     policy.encoder = PipelineTextEncoder(folder, fam, policy.transformer, policy.device, dtype, absent)
     log.info("loaded %s pipeline from %s (latent %s, weights stored in %s)", fam, folder, latent, policy.weight_dtype)
     return policy
