@@ -37,6 +37,7 @@ from typing import Callable
 
 from egrpo_backend import job_process
 from egrpo_backend import jobs as backend_jobs
+from egrpo_backend.cancel import ACK_FILE
 from egrpo_backend.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
 
@@ -50,6 +51,7 @@ FINAL = ("finished", "cancelled", "stopped", "failed")
 LOG_FILE = "child.log"
 QUEUE_FILE = "queue.json"
 LAUNCH_FILE = "launch.json"  # how the manager starts the job: {"gpus": N} (N > 1: torchrun, one rank per GPU)
+KILL_AFTER_ENV = "EGRPO_CANCEL_ANSWER_SECONDS"  # seconds a child has to answer a graceful cancel (default 60)
 RUN_ENV = "EGRPO_MANAGED_JOB"  # set to the job folder in the child's environment; torchrun's ranks inherit it
 
 
@@ -64,7 +66,7 @@ class _Running:
         self.job_id, self.path, self.proc, self.log_file = job_id, path, proc, log_file
         self.offset = 0
         self.kill_at: float | None = None
-        self.cancel_requested = self.signalled = False
+        self.cancel_requested = self.signalled = self.forced = False
 
     def ended(self) -> bool:
         if self.proc is not None:
@@ -99,13 +101,16 @@ class _Running:
 class JobManager:
     def __init__(self, root, loras_dir=None, send: Callable[[str, dict], None] | None = None,
                  python: str = sys.executable, env: dict | None = None, poll_seconds: float = 0.5,
-                 kill_after: float = 60.0):
+                 kill_after: float | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.loras_dir = Path(loras_dir).resolve() if loras_dir else None
         self.send = send or (lambda event, data: None)
         self.python, self.extra_env = python, dict(env or {})
-        self.poll_seconds, self.kill_after = poll_seconds, kill_after
+        # A graceful cancel kills only a child that does not answer it (cancel.ACK_FILE) within kill_after seconds;
+        # one that answers is waited for until its next safe point, however long its phase takes.
+        self.poll_seconds = poll_seconds
+        self.kill_after = float(os.environ.get(KILL_AFTER_ENV, 60.0)) if kill_after is None else kill_after
         self._lock = threading.RLock()
         self._queue = JobQueue(self.root / QUEUE_FILE)
         self._running: _Running | None = None
@@ -206,8 +211,9 @@ class JobManager:
 
     # --- cancel / delete -------------------------------------------------------------------------
     def cancel(self, job_id: str, force: bool = False) -> dict:
-        """Queued: dropped. Running: stops after its current iteration and writes its LoRA;
-        force (or no exit within kill_after seconds): killed at once, the last checkpoint's LoRA exported."""
+        """Queued: dropped. Running: stops at its next safe point between phases and writes its checkpoint
+        and LoRA (the last finished iteration's), however long that takes once the child has answered;
+        force (or no answer within kill_after seconds): killed at once, the last checkpoint's LoRA exported."""
         path = self._existing(job_id)
         with self._lock:
             if self._queue.remove(job_id):
@@ -225,8 +231,9 @@ class JobManager:
                     return self.get(job_id)
                 raise JobError(f"job {job_id!r} is not running or queued" if not job_process.job_running(path) else
                                f"job {job_id!r} runs in another process, not started by this ComfyUI: it can be "
-                               "cancelled (after its current iteration) but not killed from here")
-            run.cancel_requested = True
+                               "cancelled (at its next safe point) but not killed from here")
+            run.cancel_requested, run.forced = True, run.forced or force
+            (path / ACK_FILE).unlink(missing_ok=True)  # an answer counts only when it comes after this request
             (path / job_process.CANCEL_FILE).write_text(str(time.time()))
             self._signal_cancel(run)
             run.kill_at = time.time() + (0 if force else self.kill_after)
@@ -426,6 +433,10 @@ class JobManager:
                 return
             self._forward(run)
             self._signal_cancel(run)
+            if run.kill_at is not None and not run.forced and (run.path / ACK_FILE).exists():
+                run.kill_at = None  # it answered: it stops at its next safe point, however long the phase in flight
+                self._emit(run.job_id, {"type": "cancel", "message": "stopping at the next safe point between phases; "
+                                        "the checkpoint and LoRA of the last finished iteration are kept"})
             if not run.ended() and run.kill_at is not None and time.time() >= run.kill_at:
                 self._kill(run)
             if not run.ended():
@@ -456,7 +467,7 @@ class JobManager:
         if not run.signal(signal.SIGKILL):
             if not run.ended():
                 msg = ("cannot prove which process runs this job on this system, so it is not killed; it stops "
-                       "after its current iteration (cancel file)")
+                       "at its next safe point between phases (cancel file)")
                 log.warning("E-GRPO job %s: %s", run.job_id, msg)
                 self._emit(run.job_id, {"type": "cancel", "message": msg})
                 return
@@ -473,6 +484,7 @@ class JobManager:
             ckpt = backend_jobs.latest_checkpoint(path)
             if ckpt is not None:
                 iteration = int(read_checkpoint(ckpt)["trainer"]["iteration"])
+            if iteration > 0:  # a checkpoint before any iteration holds an untrained LoRA: none is shown
                 spec = backend_jobs.load_spec(path)
                 lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)  # (and its copy_to copy)
         except Exception as e:  # noqa: BLE001
@@ -481,7 +493,7 @@ class JobManager:
         reached = backend_jobs.read_status(path).get("iteration", 0)
         msg = (f"killed on cancel after iteration {reached}; " +
                (f"the LoRA is the last checkpoint's (iteration {iteration}); resume continues from there" if lora else
-                "it had no checkpoint yet, so there is no LoRA; resume starts from the beginning"))
+                "no checkpoint after iteration 0 existed, so there is no LoRA; resume starts from the beginning"))
         backend_jobs.write_status(path, status="cancelled", pid=None, iteration=iteration,
                                   lora=str(lora.resolve()) if lora else None, message=msg)
         backend_jobs.EventLog(path).emit("done", status="cancelled", iteration=iteration,
@@ -493,6 +505,7 @@ class JobManager:
         if run.log_file is not None:
             run.log_file.close()
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)  # addressed to a run that is over
+        (path / ACK_FILE).unlink(missing_ok=True)
         rc = run.exit_code()
         status = backend_jobs.read_status(path).get("status")
         if status in FINAL:
@@ -531,6 +544,7 @@ class JobManager:
         env[RUN_ENV] = str(path.resolve())  # marks every process of this run, torchrun's ranks included
         gpus = launch_gpus(path)
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+        (path / ACK_FILE).unlink(missing_ok=True)
         log_file = open(path / LOG_FILE, "ab")
         offset = (path / "events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0
         argv = [self.python, "-m", "egrpo_backend", command, str(path), "--quiet"]
