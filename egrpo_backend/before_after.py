@@ -54,6 +54,6 @@ class BeforeAfter:
             self.base = latest if iteration == 0 else self._sample_base().float().cpu()
         scale = max(1, round(TILE_PIXELS / max(1, latest.shape[-1])))
         if distributed.is_writer():
-            image_grid([self.base, latest], self.job_dir / FILE, row_labels=["base", f"it {iteration}"], scale=scale)
+            image_grid([self.base, latest], self.job_dir / FILE, scale=scale)  # rows: base, then LoRA (the panel labels them)
         pairs = [self.held_out.pairs[i] for i in self.columns]
         return {"iteration": iteration, "path": FILE, "prompts": [p for p, _ in pairs], "seeds": [s for _, s in pairs]}

@@ -173,7 +173,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     def evaluate() -> dict:
         entry = held_out.run()
         events.emit("eval", **entry)
-        if grid is not None:
+        if grid is not None and held_out.last_images is not None:
             events.emit("before_after", **grid.update(held_out.last_images, entry["iteration"]))
         return entry
 

@@ -41,6 +41,7 @@ from egrpo_backend.cancel import ACK_FILE
 from egrpo_backend.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
 
+from . import job_view
 from .job_queue import JobQueue
 
 log = logging.getLogger("egrpo")
@@ -294,21 +295,27 @@ class JobManager:
             shown, message = "failed", backend_jobs.PROCESS_ENDED
         else:
             shown = saved
-        last = self._last.get(job_id) or self._last_metrics(path)
+        events, _ = backend_jobs.read_events(path)
+        last = self._last.get(job_id) or next((e for e in reversed(events) if e["type"] == "metrics"), {})
         total = status.get("total") or spec.get("train", {}).get("iterations") or 0
         lora = status.get("lora")
+        if lora and not Path(lora).is_file():  # a cancelled or failed job whose LoRA was never written shows none
+            lora = None
+        timing = job_view.eta(events, total - status.get("iteration", 0)) if shown == "running" else {}
         world = status.get("world_size") if shown == "running" or not state else None
         return {
             "id": job_id, "name": spec.get("output", {}).get("name", job_id), "status": shown,
             "iteration": status.get("iteration", 0), "total": total,
             "progress": (status.get("iteration", 0) / total) if total else 0.0,
-            "eta_seconds": last.get("eta_seconds") if shown == "running" else None,
+            "eta_seconds": timing.get("eta_seconds"), "eta_low": timing.get("eta_low"),
+            "eta_high": timing.get("eta_high"), "eta_stable": timing.get("eta_stable", False),
+            **job_view.identity(job_id, spec, events), "folder": str(path),
             "reward_mean": last.get("reward_mean"), "message": message,
             "lora": lora, "lora_name": self.lora_name(lora), "model": spec.get("model", {}).get("source"),
             "gpus": launch_gpus(path), "world_size": int(world or launch_gpus(path)),
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
             "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
-            "files": [f for f in ("plan.png", "reward_curve.png") if (path / f).is_file()],
+            "files": [f for f in ("plan.png", "reward_curve.png", "before_after.png") if (path / f).is_file()],
             "samples": sorted(p.name for p in (path / "samples").glob("*.png"))[-4:] if (path / "samples").is_dir() else [],
         }
 
@@ -326,18 +333,9 @@ class JobManager:
         return backend_jobs.read_events(self._existing(job_id), max(0, int(offset)))
 
     def metrics(self, job_id: str) -> dict:
+        """The panel's charts (job_view.curves): train, eval, components, before_after, plan, errors."""
         events, _ = self.events(job_id)
-        train = [{k: e.get(k) for k in ("iteration", "reward_mean", "reward_std", "clip_frac", "nfe_total", "seconds")}
-                 for e in events if e["type"] == "metrics"]
-        evals = [{k: e.get(k) for k in ("iteration", "reward_mean", "reward_ci", "diversity")}
-                 for e in events if e["type"] == "eval"]
-        errors = [e.get("message") for e in events if e["type"] == "error"]
-        plan = next((e.get("plan") for e in reversed(events) if e["type"] == "start"), None)
-        return {"train": train, "eval": evals, "plan": plan, "errors": errors}
-
-    def _last_metrics(self, path: Path) -> dict:
-        events, _ = backend_jobs.read_events(path)
-        return next((e for e in reversed(events) if e["type"] == "metrics"), {})
+        return job_view.curves(events)
 
     # --- start-up: what a previous ComfyUI left ---------------------------------------------------
     def scan(self) -> list[str]:
@@ -616,7 +614,9 @@ def _mtime(path: Path) -> float:
 def _damaged(job_id: str, reason: str) -> dict:
     """The summary of a job whose folder cannot be read: shown, never hiding the other jobs."""
     return {"id": job_id, "name": job_id, "status": "damaged", "message": reason, "iteration": 0, "total": 0,
-            "progress": 0.0, "eta_seconds": None, "reward_mean": None, "lora": None, "lora_name": None, "model": None,
+            "progress": 0.0, "eta_seconds": None, "eta_low": None, "eta_high": None, "eta_stable": False, "reward_mean": None,
+            "lora": None, "lora_name": None, "model": None, "short_id": job_id[:8], "family": None, "preset": None,
+            "started": None, "folder": None,
             "gpus": 1, "world_size": 1,
             "created": None, "updated": None, "resumable": False, "files": [], "samples": []}
 
