@@ -77,7 +77,7 @@ def curves(events: list[dict]) -> dict:
              for e in events if e.get("type") == "eval"}
     grid = next(({k: e.get(k) for k in ("iteration", "path", "prompts", "seeds", "time")}
                  for e in reversed(events) if e.get("type") == "before_after"), None)
-    plan = next((e.get("plan") for e in reversed(events) if e.get("type") == "start"), None)
+    plan = next((e["plan"] for e in reversed(events) if e.get("type") == "start" and e.get("plan")), None)
     train = [by_iteration[k] for k in sorted(by_iteration)]
     components = sorted({k[len("reward/"):] for t in train for k in t if k.startswith("reward/")})
     return {"train": train, "eval": [evals[k] for k in sorted(evals)],
