@@ -85,3 +85,32 @@ def test_force_cancel_stays_immediate(slow_manager):
     info = m.get(job)
     assert info["status"] == "cancelled" and "killed on cancel" in info["message"], info
     assert Path(info["lora"]).is_file()
+
+
+def test_an_iteration_dropped_at_a_safe_point_is_repeated_exactly_on_resume(tmp_path, monkeypatch):
+    """A cancel seen after the rollout of iteration 2 drops it (cursor and RNG back to its start); the job
+    reads cancelled at 1 and, resumed, ends with the very LoRA a straight run gives."""
+    from egrpo_backend.jobs import create_job, read_events, read_status, resume_job, run_job
+    from egrpo_backend.trainer import Trainer
+    from test_jobs import assert_same_lora, lora_of, tiny_spec
+
+    straight = create_job(tiny_spec(iterations=3), tmp_path / "straight")
+    run_job(straight, progress=False)
+
+    job = create_job(tiny_spec(iterations=3), tmp_path / "job")
+    score = Trainer.score
+
+    def cancel_during_iteration_2(self, *args, **kwargs):
+        if self.state.iteration == 1:
+            (job / "cancel").write_text("now")  # arrives while iteration 2 is being scored
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "score", cancel_during_iteration_2)
+    result = run_job(job, progress=False)
+    assert result["status"] == "cancelled" and result["iteration"] == 1
+    stopped = [e for e in read_events(job)[0] if e["type"] == "cancel"]
+    assert stopped and stopped[0]["iteration"] == 1 and "iteration 2" in stopped[0]["message"]
+    assert read_status(job)["lora"] and read_checkpoint(latest_checkpoint(job))["trainer"]["iteration"] == 1
+    monkeypatch.setattr(Trainer, "score", score)
+    assert resume_job(job, progress=False)["iteration"] == 3
+    assert_same_lora(lora_of(straight), lora_of(job))

@@ -140,7 +140,16 @@ function niceTicks(lo, hi, n = 4) {
 function lineChart(ctx, W, H, series, { xLabel = "iteration", yLabel = "", legend = [] } = {}) {
   const fg = css("--descrip-text", "#999"), grid = css("--border-color", "#444");
   const all = series.flatMap((s) => s.pts.concat((s.band || []).flatMap(([x, lo, hi]) => [[x, lo], [x, hi]])));
-  const L = 38, R = 6, T = legend.length ? 14 : 6, B = 24;
+  // the legend wraps onto as many lines as it needs above the plot
+  const placed = [];
+  let lx = 38, line = 0;
+  for (const item of legend) {
+    const w = 22 + ctx.measureText(item.name).width;
+    if (lx + w > W && lx > 38) { line += 1; lx = 38; }
+    placed.push({ ...item, x: lx, y: 6 + 12 * line });
+    lx += w;
+  }
+  const L = 38, R = 6, T = legend.length ? 14 + 12 * line : 6, B = 24;
   ctx.fillStyle = fg;
   if (!all.length) { ctx.fillText("no data yet", L, H / 2); return; }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]).filter(isFinite);
@@ -178,12 +187,10 @@ function lineChart(ctx, W, H, series, { xLabel = "iteration", yLabel = "", legen
     if (s.markers) { ctx.fillStyle = s.color; for (const [x, y] of s.pts) { ctx.beginPath(); ctx.arc(X(x), Y(y), 2.5, 0, 7); ctx.fill(); } }
   }
   ctx.textAlign = "left"; ctx.textBaseline = "middle";
-  let lx = L;
-  for (const { name, color, dash } of legend) {
+  for (const { name, color, dash, x, y } of placed) {
     ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.setLineDash(dash || []);
-    ctx.beginPath(); ctx.moveTo(lx, 6); ctx.lineTo(lx + 12, 6); ctx.stroke(); ctx.setLineDash([]);
-    ctx.fillStyle = fg; ctx.fillText(name, lx + 15, 6);
-    lx += 22 + ctx.measureText(name).width;
+    ctx.beginPath(); ctx.moveTo(x, y); ctx.lineTo(x + 12, y); ctx.stroke(); ctx.setLineDash([]);
+    ctx.fillStyle = fg; ctx.fillText(name, x + 15, y);
   }
 }
 
@@ -316,11 +323,12 @@ function comparePicker(job) {
   const others = state.jobs.filter((j) => j.id !== job.id && j.status !== "damaged");
   if (!others.length) return null;
   const select = el("select", { class: "egrpo-compare", title: "Overlay another job's reward curves",
-    style: { fontSize: "11px", maxWidth: "45%", background: css("--comfy-input-bg", "#222"), color: "inherit",
+    style: { fontSize: "11px", maxWidth: "100%", background: css("--comfy-input-bg", "#222"), color: "inherit",
       border: `1px solid ${css("--border-color", "#444")}` },
     onchange: (e) => { state.compare = e.target.value || null; refresh(); } },
-  el("option", { value: "" }, "compare with…"),
-  ...others.map((j) => el("option", { value: j.id, ...(j.id === state.compare ? { selected: "" } : {}) }, `${j.name} ${j.short_id}`)));
+  el("option", { value: "" }, "compare with another job…"),
+  ...others.map((j) => el("option", { value: j.id, ...(j.id === state.compare ? { selected: "" } : {}) },
+    `compare with ${j.name} ${j.short_id}`)));
   return select;
 }
 
@@ -329,7 +337,7 @@ function jobPage(job) {
   const other = state.compare && state.jobs.find((j) => j.id === state.compare);
   const mine = rewardSeries(m, [COLORS.train, COLORS.eval], null, "");
   const theirs = other ? rewardSeries(state.metrics[other.id], [COLORS.compare, COLORS.compareEval], [4, 3], `${other.short_id} `) : null;
-  const curve = chart("egrpo-curve", 140, (ctx, W, H) => lineChart(ctx, W, H,
+  const curve = chart("egrpo-curve", 150, (ctx, W, H) => lineChart(ctx, W, H,
     [...(theirs ? theirs.series.filter((s) => !s.raw) : []), ...mine.series],
     { yLabel: "reward (mean)", legend: [...mine.legend, ...(theirs ? theirs.legend : [])] }),
   "Mean reward per iteration: dots are raw rollout means, the line their EMA; held-out evaluations with their 95% CI");
@@ -356,17 +364,19 @@ function jobPage(job) {
   const plan = planChart(m?.plan);
   if (plan) plan.addEventListener("click", () => window.open(fileUrl(job.id, "plan.png"), "_blank"));
   const noLora = ["cancelled", "failed", "stopped"].includes(job.status) && !job.lora;
+  const picker = comparePicker(job);
   return el("div", { class: "egrpo-page", "data-job": job.id },
-    el("div", { style: { display: "flex", alignItems: "center", gap: "6px", marginTop: "6px" } },
+    el("div", { style: { display: "flex", alignItems: "center", gap: "6px", marginTop: "8px",
+      borderTop: `1px solid ${css("--border-color", "#444")}`, paddingTop: "6px" } },
       el("b", { style: { overflow: "hidden", textOverflow: "ellipsis", whiteSpace: "nowrap" }, title: job.folder }, job.name),
       el("span", { style: { fontFamily: "monospace", fontSize: "10px", opacity: 0.6 } }, job.short_id),
-      el("span", { style: { marginLeft: "auto" } }), comparePicker(job)),
-    el("div", { style: { display: "flex", gap: "8px", alignItems: "center", fontSize: "11px", margin: "2px 0" } },
+      el("span", { style: { marginLeft: "auto" } }), buttons(job)),
+    el("div", { style: { display: "flex", gap: "8px", alignItems: "center", fontSize: "11px", margin: "2px 0", whiteSpace: "nowrap" } },
       el("span", { style: { color: statusColor(job.status) } }, statusText(job)),
       el("span", {}, `${job.iteration}/${job.total} it`),
       job.reward_mean != null ? el("span", {}, `reward ${fmtNum(job.reward_mean)}`) : null,
-      job.status === "running" ? el("span", { class: "egrpo-page-eta" }, fmtEta(job)) : null,
-      el("span", { style: { marginLeft: "auto" } }), buttons(job)),
+      job.status === "running" ? el("span", { class: "egrpo-page-eta" }, fmtEta(job)) : null),
+    picker ? el("div", { style: { display: "flex", justifyContent: "flex-end", margin: "2px 0" } }, picker) : null,
     job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: ["failed", "damaged"].includes(job.status)
       ? css("--error-text", "#f66") : css("--descrip-text", "#aaa") } }, job.message) : null,
     noLora ? el("div", { class: "egrpo-no-lora", style: { fontSize: "11px", opacity: 0.75 } }, "no LoRA (no finished iteration was saved)") : null,

@@ -77,7 +77,8 @@ def test_panel_at_1400x860_shows_the_essentials_of_a_running_job_beside_a_finish
     tag = uuid.uuid4().hex[:6]
     finished, running = f"done_{tag}", f"live_{tag}"
     fast = {"train": {"eval_every": 1, "sample_every": 1}}
-    post = comfy_server.http("/api/prompt", {"prompt": training_prompt(finished, iterations=3, overrides=fast)})
+    post = comfy_server.http("/api/prompt", {"prompt": training_prompt(finished, iterations=3, reward="digit_probability",
+                                                                       overrides=fast)})
     wait_history(comfy_server.url, post["prompt_id"], timeout=120)
     done = next(j for j in comfy_server.http("/api/egrpo/jobs")["jobs"] if j["name"] == finished)
     done = wait_job(comfy_server.url, done["id"], timeout=300)
