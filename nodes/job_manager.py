@@ -7,8 +7,9 @@ runs at a time (they share the GPU); the others wait in a FIFO queue that is sav
 (job_queue.py), so a restart resumes the line in order. A monitor thread tails the running job's
 events.jsonl and forwards every event to the browsers as the websocket event "egrpo.event" with
 data {"job": id, **event}. Events the manager adds itself: "queued" (with position), "process"
-(child started, with pid), "exit" (child ended, with returncode, None when unknown) and, when a
-child dies without writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
+(child started, with pid), "exit" (child ended, with returncode, None when unknown), "cancel" (the
+child answered a graceful cancel: it stops at its next safe point) and, when a child dies without
+writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
 
 What is true about a job comes from its folder, never from a guess:
 - A job runs exactly while a process holds its process.lock (egrpo_backend/job_process.py). A pid
@@ -233,11 +234,14 @@ class JobManager:
                 raise JobError(f"job {job_id!r} is not running or queued" if not job_process.job_running(path) else
                                f"job {job_id!r} runs in another process, not started by this ComfyUI: it can be "
                                "cancelled (at its next safe point) but not killed from here")
+            first = not run.cancel_requested  # a repeated graceful cancel changes nothing (an answer stands)
             run.cancel_requested, run.forced = True, run.forced or force
-            (path / ACK_FILE).unlink(missing_ok=True)  # an answer counts only when it comes after this request
-            (path / job_process.CANCEL_FILE).write_text(str(time.time()))
+            if first:
+                (path / ACK_FILE).unlink(missing_ok=True)  # an answer counts only when it comes after this request
+                (path / job_process.CANCEL_FILE).write_text(str(time.time()))
             self._signal_cancel(run)
-            run.kill_at = time.time() + (0 if force else self.kill_after)
+            if force or first:
+                run.kill_at = time.time() + (0 if force else self.kill_after)
             if force:
                 self.tick()
         return self.get(job_id)

@@ -58,6 +58,8 @@ def test_graceful_cancel_during_a_long_iteration_keeps_the_last_finished_one(slo
     job = m.submit(spec(20, train={"checkpoint_every": 100, "sample_every": 0}), "slow")
     wait_for(lambda: sent(m, job, "metrics"), timeout=120, what="iteration 1")
     m.cancel(job)  # iteration 2 is in flight: its rollout alone takes several kill graces
+    wait_for(lambda: any("safe point" in e.get("message", "") for e in sent(m, job, "cancel")), what="the answer")
+    m.cancel(job)  # a second click changes nothing: the answer stands, no kill
     wait_for(lambda: m.get(job)["status"] != "running", timeout=120, what="the end of the cancelled job")
     info = m.get(job)
     assert info["status"] == "cancelled", info

@@ -126,13 +126,13 @@ const log = (...a) => console.log(`[browser ${new Date().toISOString().slice(11,
     result.grid_natural = await img.evaluate((i) => [i.naturalWidth, i.naturalHeight]);
     await page.waitForTimeout(800);
     // the essentials must be on screen without scrolling: their boxes inside the 1400 x 860 viewport
-    result.boxes = {};
-    for (const [name, sel] of Object.entries({ curve: ".egrpo-page .egrpo-curve", grid: ".egrpo-page .egrpo-grid-img",
-      phases: ".egrpo-page .egrpo-phases", diagnostics: ".egrpo-page .egrpo-diagnostics", plan: ".egrpo-page .egrpo-plan",
-      list: ".egrpo-job-list" })) {
-      const box = (await page.locator(sel).count()) ? await page.locator(sel).first().boundingBox() : null;
-      result.boxes[name] = box;
-    }
+    // measured in one go (the panel re-renders on every job event: never half-way through one)
+    await page.locator(".egrpo-page .egrpo-plan").first().waitFor();
+    result.boxes = await page.evaluate((sels) => Object.fromEntries(Object.entries(sels).map(([name, sel]) => {
+      const e = document.querySelector(sel), r = e && e.getBoundingClientRect();
+      return [name, r ? { x: r.x, y: r.y, width: r.width, height: r.height } : null];
+    })), { curve: ".egrpo-page .egrpo-curve", grid: ".egrpo-page .egrpo-grid-img", phases: ".egrpo-page .egrpo-phases",
+      diagnostics: ".egrpo-page .egrpo-diagnostics", plan: ".egrpo-page .egrpo-plan", list: ".egrpo-job-list" });
     result.viewport = page.viewportSize();
     result.page_text = (await page.locator(".egrpo-page").innerText()).replace(/\s+/g, " ").slice(0, 800);
     log("boxes", JSON.stringify(result.boxes));
