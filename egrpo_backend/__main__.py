@@ -139,7 +139,8 @@ def cmd_cancel(a) -> int:
 
     signalled = request_cancel(a.job_dir)  # refuses a job that is not running
     how = "" if signalled else " (through its cancel file: its process cannot be proven from here, so no signal)"
-    print(f"cancel requested for {a.job_dir}{how}: it stops at its next safe point (between rollout, reward and update) and writes the checkpoint and LoRA of its last finished iteration")
+    print(f"cancel requested for {a.job_dir}{how}: it stops at its next safe point (between rollout, reward and "
+          "update) and writes the checkpoint and LoRA of its last finished iteration")
     return 0
 
 
@@ -227,7 +228,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("cancel", help="ask a running job to stop at its next safe point",
-                       description="Stop a job at its next safe point between phases (rollout, reward, update); it writes the checkpoint and LoRA of its last finished iteration.")
+                       description="Stop a job at its next safe point between phases (rollout, reward, update); it "
+                                   "writes the checkpoint and LoRA of its last finished iteration.")
     s.add_argument("job_dir")
     s.set_defaults(fn=cmd_cancel)
 

@@ -2,9 +2,9 @@
 
 A cancel is SIGTERM / SIGINT or a `cancel` file in the job folder. The signal handler answers at once
 with a `cancel_ack` file: the job manager then knows the process is alive and waits for its safe point
-however long the phase in flight takes (nodes/job_manager.py kills only a process that never answers). `python -m egrpo_backend run`
-installs `catch_early_sigterm()` before it imports anything slow, so a SIGTERM that arrives while the
-model loads is remembered (not a kill by the default handler) and the CancelFlag made later honours it.
+however long the phase in flight takes (nodes/job_manager.py kills only a process that never answers).
+`python -m egrpo_backend run` installs `catch_early_sigterm()` before it imports anything slow, so a
+SIGTERM that arrives while the model loads is remembered (not a kill by the default handler) and the CancelFlag made later honours it.
 A CancelFlag also holds the job's process lock for its lifetime (job_process.py): while it lives,
 the job is provably running in this process, and a second process cannot run the same job.
 """

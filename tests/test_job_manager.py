@@ -245,7 +245,7 @@ def test_force_cancel_reads_cancelled_at_the_checkpoint_its_lora_comes_from(mana
 
 def test_cancel_right_after_start_reads_cancelled(manager):
     """A cancel before the child has even started Python: no SIGTERM can kill it early (it is signalled only
-    once it holds its lock, after catching SIGTERM); it stops at once or after its first iteration, with a LoRA."""
+    once it holds its lock, after catching SIGTERM); it stops at once (no LoRA: nothing learned) or after its first iteration (a LoRA)."""
     job = manager.submit(spec(50), "early")
     manager.cancel(job)
     wait_for(lambda: manager.get(job)["status"] != "running", what="end of the cancelled job")
