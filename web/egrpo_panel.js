@@ -386,7 +386,10 @@ function jobPage(job) {
     section("Update: clip fraction, KL, grad norm, learning rate", diagnostics(m) || el("div", { style: { fontSize: "11px", opacity: 0.7 } }, "after the first iteration")),
     section("Seconds per phase and peak memory (latest iteration)", phaseBar(m)),
     section("Before / after (fixed seeds, held-out prompts)", gridBox),
-    plan ? section("Entropy plan (click for the full chart)", plan) : null);
+    plan ? section("Entropy plan (click for the full chart)", plan) : null,
+    job.samples?.length ? section(`Latest rollout samples (one row per group): ${job.samples.at(-1)}`,
+      el("img", { class: "egrpo-sample", src: fileUrl(job.id, `samples/${job.samples.at(-1)}`, job.updated),
+        style: { width: "100%", imageRendering: "pixelated", display: "block" } })) : null);
 }
 
 function render() {
