@@ -185,7 +185,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     status, t_start, done_at_start = "finished", time.perf_counter(), trainer.state.iteration
     # Rank 0 reads the cancel file and its decision goes to every rank: all stop at the same point. A cancel
     # is also asked between the phases of an iteration (trainer.safe_point): however long an iteration is,
-    # the job stops soon and checkpoints the last finished iteration (docs/comfyui.md, "Cancel").
+    # the job stops soon and checkpoints the last finished iteration (docs/comfyui.md, "Jobs").
     trainer.stop_requested = lambda: distributed.broadcast_decision(bool(cancel))
     while trainer.state.iteration < total and not distributed.broadcast_decision(bool(cancel)):
         try:

@@ -387,8 +387,8 @@ function jobPage(job) {
     section("Seconds per phase and peak memory (latest iteration)", phaseBar(m)),
     section("Before / after (fixed seeds, held-out prompts)", gridBox),
     plan ? section("Entropy plan (click for the full chart)", plan) : null,
-    job.samples?.length ? section(`Latest rollout samples (one row per group): ${job.samples.at(-1)}`,
-      el("img", { class: "egrpo-sample", src: fileUrl(job.id, `samples/${job.samples.at(-1)}`, job.updated),
+    job.samples?.length ? section("Latest rollout samples (a row per group)",
+      el("img", { class: "egrpo-sample", src: fileUrl(job.id, `samples/${job.samples.at(-1)}`, job.updated), title: job.samples.at(-1),
         style: { width: "100%", imageRendering: "pixelated", display: "block" } })) : null);
 }
 
