@@ -1,9 +1,9 @@
 """The fixed-seed before/after grid of the held-out prompts: the base model (LoRA off) above the LoRA
 of the latest evaluation, one column per prompt, the same noise seed in both rows.
 
-It is redrawn at every held-out evaluation into JOB/before_after.png and announced by a
-"before_after" event {iteration, path, prompts, seeds} (the panel shows the file the event names, so a
-later format, e.g. animated WebP for video, needs no change there). The base row is the evaluation's
+It is redrawn at every held-out evaluation into JOB/before_after.png (before_after.webp, animated, for a
+video model) and announced by a "before_after" event {iteration, path, prompts, seeds}; the panel shows
+the file the event names. The base row is the evaluation's
 own samples when it runs before the first iteration; a resumed job samples it once with the LoRA off.
 """
 
@@ -17,6 +17,7 @@ from . import distributed
 from .evaluation import sample_ode
 
 FILE = "before_after.png"
+VIDEO_FILE = "before_after.webp"  # clips [N, F, C, H, W]: an animated grid
 MAX_PROMPTS = 6  # columns: the first seed of each of the first distinct held-out prompts
 TILE_PIXELS = 128  # small images (the digits model's 16 px) are upscaled to about this size
 
@@ -53,7 +54,8 @@ class BeforeAfter:
         if self.base is None:
             self.base = latest if iteration == 0 else self._sample_base().float().cpu()
         scale = max(1, round(TILE_PIXELS / max(1, latest.shape[-1])))
+        name = VIDEO_FILE if latest.ndim == 5 else FILE
         if distributed.is_writer():
-            image_grid([self.base, latest], self.job_dir / FILE, scale=scale)  # rows: base, then LoRA (the panel labels them)
+            image_grid([self.base, latest], self.job_dir / name, scale=scale)  # rows: base, then LoRA (the panel labels them)
         pairs = [self.held_out.pairs[i] for i in self.columns]
-        return {"iteration": iteration, "path": FILE, "prompts": [p for p, _ in pairs], "seeds": [s for _, s in pairs]}
+        return {"iteration": iteration, "path": name, "prompts": [p for p, _ in pairs], "seeds": [s for _, s in pairs]}

@@ -319,7 +319,7 @@ class JobManager:
             "gpus": launch_gpus(path), "world_size": int(world or launch_gpus(path)),
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
             "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
-            "files": [f for f in ("plan.png", "reward_curve.png", "before_after.png") if (path / f).is_file()],
+            "files": [f for f in ("plan.png", "reward_curve.png", "before_after.png", "before_after.webp") if (path / f).is_file()],
             "samples": sorted(p.name for p in (path / "samples").glob("iter_*.*") if p.suffix in (".png", ".webp"))[-4:]
             if (path / "samples").is_dir() else [],  # .webp: a video model's animated samples
         }
