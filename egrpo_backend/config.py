@@ -388,6 +388,11 @@ class JobSpec:
                                 f"its options: {', '.join(allowed) or 'none'}")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
             raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
+        from .export_formats import unloadable_formats
+
+        for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
+            raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
+                            f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
         return self
 
     def prompt_list(self, eval: bool = False) -> list[str]:

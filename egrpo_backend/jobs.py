@@ -19,6 +19,8 @@ EVENT TYPES (every event has "type" and "time"):
   eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
   checkpoint  iteration, path
   sample      iteration, path
+  export      format, path, consumer, mapped, total (the file's keys its consumer maps: all, or it
+              is not written; docs/lora_formats.md)
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
   guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
               reward-hacking guard stopped the run)
@@ -45,6 +47,7 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
                          save_checkpoint)
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
+from .export_formats import spec_family, spec_naming
 from .guard import HackingGuard
 from .job_files import job_subdir
 from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
@@ -77,7 +80,8 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     if record["runner"].get("eval_history"):
         metrics["eval"] = record["runner"]["eval_history"]
     target = Path(out) if out else job_subdir(job_dir, "lora") / _lora_file_name(spec, fmt)
-    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
+    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")),
+                                family=spec_family(spec) or record.get("architecture"), naming=spec_naming(spec))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +215,8 @@ def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: st
     if it < spec.train.iterations and status == "finished":
         status = "stopped"  # `until` reached: resumable
     paths = [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
+    for fmt, path in zip(spec.output.formats, paths):
+        events.emit("export", format=fmt, path=str(path.resolve()), **lora_lib.keys_mapped_of(path))
     write_reports(job_dir, trainer.state.history, held_out.history)
     (job_dir / "cancel").unlink(missing_ok=True)
     lora = str(paths[0].resolve())
