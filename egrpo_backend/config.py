@@ -77,6 +77,8 @@ class ModelSpec:
     weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
     gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
+    width: int = 0  # diffusers source: image width in pixels; 0 = the transformer config's sample_size (FLUX.1 has none: set it)
+    height: int = 0  # diffusers source: image height in pixels; 0 = as width (both 0: sample_size)
 
     def validate(self) -> None:
         from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
@@ -87,6 +89,13 @@ class ModelSpec:
         _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
         _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+                raise SpecError(f"model.{side} must be a whole number of pixels in 0..16384 (0 = from the model's config), got {value!r}")
+        if self.source != "diffusers" and (self.width or self.height):
+            raise SpecError("model.width / model.height are for model.source 'diffusers'; the comfy source sets its size in "
+                            "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
         if self.source == "comfy":
