@@ -181,9 +181,9 @@ def to_diffusers(tensors: dict, family: str) -> dict[str, Lora]:
             not t.up[rows][:, c].any() for i, rows in enumerate(slices) for j, c in enumerate(cols) if i != j)
         for i, (name, rows) in enumerate(zip(parts, slices)):
             if block_diagonal:  # what _fuse wrote: each part's own rank and alpha back, nothing approximated
-                out[name] = Lora(t.down[cols[i]], t.up[rows][:, cols[i]], float(t.alpha) * per / rank)
+                out[name] = Lora(t.down[cols[i]].clone(), t.up[rows][:, cols[i]].clone(), float(t.alpha) * per / rank)
             else:
-                out[name] = Lora(t.down, t.up[rows], float(t.alpha))
+                out[name] = Lora(t.down.clone(), t.up[rows].clone(), float(t.alpha))  # own storage: files refuse shared tensors
     return out
 
 
