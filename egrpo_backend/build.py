@@ -46,8 +46,9 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 
 
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
-    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
-                                     target_modules=spec.lora.target_modules or None, dtype=spec.lora.dtype)
+    targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
+    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,
+                                     dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
 
 
