@@ -45,16 +45,21 @@ def spec_family(spec) -> str | None:
     return None
 
 
-def _file_family(path: str) -> str | None:
-    """FLUX / SD3 from a .safetensors model file's tensor names (its header only)."""
+def _file_names(path: str) -> list[str] | None:
+    """The tensor names of a .safetensors file (its header only); None when it cannot be read as one."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size < 100_000_000:
                 return None
-            names = [k for k in json.loads(f.read(size)) if k != "__metadata__"]
-    except (OSError, ValueError):
+            return [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError, AttributeError):
         return None
+
+
+def _file_family(path: str) -> str | None:
+    """FLUX / SD3 from a .safetensors model file's tensor names."""
+    names = _file_names(path) or []
     stripped = []
     for k in names:
         for p in _NATIVE_PREFIXES:
@@ -78,10 +83,10 @@ def unloadable_formats(spec) -> list[tuple[str, str]]:
         if want == naming:
             continue
         if family is None:
-            if spec.model.source == "comfy" and fmt == "peft":
-                out.append((fmt, "the ComfyUI model file is not a FLUX or SD3 model (or cannot be read), and only those "
-                                 "have a published mapping to diffusers' module names"))
-            continue  # a diffusers family not known before loading: checked at export
+            if spec.model.source == "comfy" and fmt == "peft" and _file_names(spec.model.path) is not None:
+                out.append((fmt, "the ComfyUI model file is not a FLUX or SD3 model, and only those have a published "
+                                 "mapping to diffusers' module names"))
+            continue  # not known before loading (a file not there yet, a non-safetensors file): checked at export
         if family not in lora_names.RULES:
             out.append((fmt, f"{family} has no published mapping between diffusers' and ComfyUI's / kohya's module names "
                              f"(only {', '.join(lora_names.RULES)} do)"))
