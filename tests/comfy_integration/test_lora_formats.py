@@ -6,6 +6,9 @@
   loaded by ComfyUI's load_lora_for_models (100% of the keys, output = our own LoRA on the same model within
   1e-5), and exported as peft and loaded by diffusers' load_lora_weights into the same weights in diffusers'
   FLUX (converted by ComfyUI's own map): output = the merged model's within 1e-5.
+- comfy path on FLUX and SD3: our LoRA on ComfyUI's own model of tiny diffusers weights (default targets, the
+  same weights as the diffusers path's default), kohya / comfy in ComfyUI (output = our own LoRA's), peft in
+  diffusers (output = the diffusers weights with the update merged by ComfyUI's own map).
 - diffusers path: a LoRA on a tiny diffusers FLUX and SD3, exported as kohya / comfy, loaded by ComfyUI into
   the model ComfyUI builds from the same diffusers weights: 100% of the keys, output = ComfyUI's model of the
   diffusers weights with the LoRA merged (by diffusers names, converted by ComfyUI itself) within 1e-5.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 import torch
@@ -127,6 +129,75 @@ elif args["kind"] == "comfy_trained":
     peft_total = len(comfy.utils.load_torch_file(args["peft"]))
     layers = sum(1 for _, m in pipe.transformer.named_modules() if hasattr(m, "lora_A") and "default_0" in m.lora_A)
     result["peft"] = {"mapped": 2 * layers, "total": peft_total, "diff": float((got - expected).abs().max())}
+elif args["kind"] == "comfy_path":
+    # our LoRA on ComfyUI's own model of the diffusers weights (what the comfy policy trains), every format out
+    import diffusers
+    from safetensors.torch import load_file
+    family, out_dir = args["family"], args["out"]
+    base = comfy.sd.load_diffusion_model(args["base"])
+    own = comfy.sd.load_diffusion_model(args["base"])
+    dm = own.model.diffusion_model
+    ours.add_lora(dm, ours.LoraSettings(rank=2, alpha=4.0), seed=0)
+    result["default_targets"] = sorted(ours.lora_tensors(dm))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ours.lora_parameters(dm):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    expected = forward(own, family)
+    tensors = ours.lora_tensors(dm)
+    files = {fmt: str(ours.export_lora(dm, f"{out_dir}/{fmt}.safetensors", fmt, family=family, naming="native"))
+             for fmt in ("kohya", "comfy", "peft")}
+    for fmt in ("kohya", "comfy"):
+        used, total, out = comfy_load(base, files[fmt], family)
+        result[fmt] = {"mapped": used, "total": total, "diff": float((out - expected).abs().max()),
+                       "effect": float((expected - forward(base, family)).abs().max())}
+    # peft in diffusers: the base diffusers weights + diffusers' loader vs the same weights with our update merged,
+    # the update carried to diffusers names by ComfyUI's own map (rows of the fused weight)
+    dsd = load_file(args["base"])
+    cfg = args["diffusers_config"]
+    if family == "flux":
+        m = comfy.utils.flux_to_diffusers({"depth": cfg["num_layers"], "depth_single_blocks": cfg["num_single_layers"],
+                                           "hidden_size": cfg["attention_head_dim"] * cfg["num_attention_heads"]}, "")
+        cls, pipe_cls = diffusers.FluxTransformer2DModel, diffusers.FluxPipeline
+    else:
+        m = comfy.utils.mmdit_to_diffusers({"depth": cfg["attention_head_dim"] * cfg["num_attention_heads"] // 64,
+                                            "num_blocks": cfg["num_layers"]}, "")
+        cls, pipe_cls = diffusers.SD3Transformer2DModel, diffusers.StableDiffusion3Pipeline
+    merged = dict(dsd)
+    for dkey, v in m.items():
+        if dkey not in dsd or not dkey.endswith(".weight"):
+            continue
+        target, offset = (v, None) if isinstance(v, str) else (v[0], v[1])
+        name = target[:-len(".weight")]
+        if name in tensors:
+            t = tensors[name]
+            delta = (t.alpha / t.rank) * t.up @ t.down
+            merged[dkey] = dsd[dkey] + (delta.narrow(*offset) if offset else delta)
+    def dmodel(sd):
+        model = cls(**cfg)
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+    g = torch.Generator().manual_seed(0)
+    if family == "flux":
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(16, 3)
+        inputs = dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+                      pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]), img_ids=ids,
+                      txt_ids=torch.zeros(5, 3), return_dict=False)
+        pipe = pipe_cls(transformer=dmodel(dsd), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    else:
+        inputs = dict(hidden_states=torch.randn(1, 16, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+                      pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([500.0]), return_dict=False)
+        pipe = pipe_cls(transformer=dmodel(dsd), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                        tokenizer_3=None)
+    with torch.no_grad():
+        want = dmodel(merged)(**inputs)[0]
+        pipe.load_lora_weights(files["peft"])
+        got = pipe.transformer(**inputs)[0]
+    layers = sum(1 for _, mod in pipe.transformer.named_modules() if hasattr(mod, "lora_A") and "default_0" in mod.lora_A)
+    result["peft"] = {"mapped": 2 * layers, "total": len(load_file(files["peft"])), "diff": float((got - want).abs().max()),
+                      "effect": float((want - dmodel(dsd)(**inputs)[0]).abs().max())}
 else:  # diffusers-trained: ComfyUI builds its model from the diffusers weights itself
     base = comfy.sd.load_diffusion_model(args["base"])
     merged = forward(comfy.sd.load_diffusion_model(args["merged"]), args["family"])
@@ -197,6 +268,46 @@ def _random_(model, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+CONFIGS = {  # ComfyUI reads SD3's width as 64 x depth: one 64-wide head per block
+    "flux": {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 128,
+             "num_attention_heads": 1, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": False},
+    "sd3": {"sample_size": 8, "patch_size": 2, "in_channels": 16, "num_layers": 2, "attention_head_dim": 64,
+            "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 128, "pooled_projection_dim": 32,
+            "out_channels": 16, "pos_embed_max_size": 16},
+}
+
+
+def _tiny_diffusers(family):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    base = (FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel)(**CONFIGS[family])
+    _random_(base, 1)
+    return base, CONFIGS[family]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_comfy_path_lora_loads_fully_in_comfyui_and_diffusers(family, tmp_path):
+    """Our LoRA on ComfyUI's own model of a tiny FLUX / SD3 (the comfy path's LoRA, default targets), in every format:
+    kohya / comfy in ComfyUI, peft in diffusers; and the same modules as the diffusers path's default."""
+    from safetensors.torch import save_file
+
+    from egrpo_backend import lora, lora_names
+
+    base, cfg = _tiny_diffusers(family)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    got = _child({"kind": "comfy_path", "family": family, "base": str(tmp_path / "base.safetensors"),
+                  "diffusers_config": cfg, "out": str(tmp_path)})
+    targets = got.pop("default_targets")
+    diffusers_default = lora.default_target_modules(base)
+    fused = sorted({lora_names.native_name(family, n)[0] for n in diffusers_default})
+    assert targets == fused  # the same weights by default on both paths
+    print(f"comfy-path {family}:", got)
+    for fmt, r in got.items():
+        assert r["mapped"] == r["total"] > 0, (fmt, r)
+        assert r["diff"] < TOL and r["effect"] > 1e-4, (fmt, r)
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_diffusers_trained_loads_fully_in_comfyui(family, tmp_path):
     from safetensors.torch import save_file
@@ -204,20 +315,7 @@ def test_diffusers_trained_loads_fully_in_comfyui(family, tmp_path):
     from egrpo_backend import lora
     from egrpo_backend.lora import LoraSettings
 
-    torch.manual_seed(0)
-    if family == "flux":
-        from diffusers import FluxTransformer2DModel
-
-        base = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
-                                      num_attention_heads=1, joint_attention_dim=32, pooled_projection_dim=32,
-                                      guidance_embeds=False)
-    else:  # ComfyUI reads SD3's width as 64 x depth: one 64-wide head per block
-        from diffusers import SD3Transformer2DModel
-
-        base = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64,
-                                     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128,
-                                     pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16)
-    _random_(base, 1)
+    base, _ = _tiny_diffusers(family)
     model = copy.deepcopy(base)
     lora.add_lora(model, LoraSettings(rank=2, alpha=4.0), seed=0)
     g = torch.Generator().manual_seed(2)
