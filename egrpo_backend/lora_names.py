@@ -66,7 +66,6 @@ RULES: dict[str, tuple[BlockRules, ...]] = {
              BlockRules("single_blocks", "single_transformer_blocks", _FLUX_SINGLE)),
     "sd3": (BlockRules("joint_blocks", "transformer_blocks", _SD3_JOINT),),
 }
-NAMINGS = ("native", "diffusers")
 
 
 class Lora(NamedTuple):  # the shape of lora.LoraTensors (kept apart so this module imports nothing of ours)
