@@ -48,8 +48,9 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
     from .policies.block_swap import adopt_lora
 
-    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
-                                     target_modules=spec.lora.target_modules or None, dtype=spec.lora.dtype)
+    targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
+    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,
+                                     dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
     adopt_lora(policy.lora_model())  # block swap: a LoRA made on the host beside a swapped block goes to the device
 

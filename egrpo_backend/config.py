@@ -78,6 +78,8 @@ class ModelSpec:
     gradient_checkpointing: str = "auto"  # auto (on for CUDA, for comfy models, and with offload_blocks), on, off
     offload_blocks: Any = 0  # block swap (docs/memory.md): the last N transformer blocks stream from host memory; "auto": from free memory
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
+    width: int = 0  # diffusers source: image width in pixels; 0 = the transformer config's sample_size (FLUX.1 has none: set it)
+    height: int = 0  # diffusers source: image height in pixels; 0 = as width (both 0: sample_size)
 
     def validate(self) -> None:
         from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
@@ -98,6 +100,13 @@ class ModelSpec:
             raise SpecError("model.offload_blocks needs gradient checkpointing (without it autograd keeps every swapped "
                             "block's device copy until backward, so the update holds the whole model); set "
                             "model.gradient_checkpointing to 'auto' or 'on', or model.offload_blocks to 0")
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+                raise SpecError(f"model.{side} must be a whole number of pixels in 0..16384 (0 = from the model's config), got {value!r}")
+        if self.source != "diffusers" and (self.width or self.height):
+            raise SpecError("model.width / model.height are for model.source 'diffusers'; the comfy source sets its size in "
+                            "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
         if self.source == "comfy":
@@ -408,6 +417,11 @@ class JobSpec:
                 raise SpecError(str(e)) from None
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
             raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
+        from .export_formats import unloadable_formats
+
+        for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
+            raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
+                            f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
         return self
 
     def prompt_list(self, eval: bool = False) -> list[str]:

@@ -24,6 +24,8 @@ EVENT TYPES (every event has "type" and "time"):
   cancel      iteration, message (a cancel stopped the run between two phases of an iteration: the
               checkpoint and LoRA are those of `iteration`, the last finished one)
   sample      iteration, path (.png; an animated .webp and frames F for a video model)
+  export      format, path, consumer, mapped, total (the file's keys its consumer maps: all, or it
+              is not written; docs/lora_formats.md)
   done        status ("finished" | "cancelled" | "stopped"), iteration, lora (absolute path)
   guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
               reward-hacking guard stopped the run)
@@ -51,6 +53,7 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
 from .config import JobSpec, SpecError
 from .before_after import BeforeAfter
 from .evaluation import HeldOut
+from .export_formats import spec_family, spec_naming
 from .guard import HackingGuard
 from .job_files import job_subdir
 from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
@@ -84,7 +87,8 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     if record["runner"].get("eval_history"):
         metrics["eval"] = record["runner"]["eval_history"]
     target = Path(out) if out else job_subdir(job_dir, "lora") / _lora_file_name(spec, fmt)
-    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
+    path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")),
+                                family=spec_family(spec) or record.get("architecture"), naming=spec_naming(spec))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +245,8 @@ def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: st
         status = "stopped"  # `until` reached: resumable
     # A run cancelled before any iteration finished has learned nothing: no LoRA (its checkpoint stays, to resume).
     paths = [] if status == "cancelled" and it == 0 else [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
+    for fmt, path in zip(spec.output.formats, paths):
+        events.emit("export", format=fmt, path=str(path.resolve()), **lora_lib.keys_mapped_of(path))
     write_reports(job_dir, trainer.state.history, held_out.history)
     (job_dir / "cancel").unlink(missing_ok=True)
     lora = str(paths[0].resolve()) if paths else None
