@@ -4,6 +4,9 @@ about a second, not after the encoding of all of them."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import JobSpec, SpecError
@@ -30,6 +33,9 @@ def check_prompt_rules(spec: JobSpec) -> None:
         return
     sets = [("prompts", spec.prompt_set())] + ([("eval_prompts", spec.prompt_set(eval=True))] if spec.eval_prompts else [])
     for key, prompts in sets:
+        passed = _passed_marker(prompts, [who for who, _ in rules])
+        if passed is not None and passed.is_file():
+            continue  # this file (by hash) passed these rules before: a job's start does not read it again
         for i, prompt in enumerate(prompts):
             for who, rule in rules:
                 try:
@@ -37,3 +43,15 @@ def check_prompt_rules(spec: JobSpec) -> None:
                 except ValueError as e:
                     where = prompts.where(i) if hasattr(prompts, "where") else f"prompt {i + 1}"
                     raise SpecError(f"{key} ({where}): {e} ({who} reads the digit from the prompt)") from None
+        if passed is not None:
+            with contextlib.suppress(OSError):
+                passed.write_text("")
+
+
+def _passed_marker(prompts, rules: list[str]) -> Path | None:
+    """Where a streamed set's pass of these rules is remembered (beside its index, named by its hash)."""
+    from .prompt_sets import PromptSet, index_dir
+
+    if not isinstance(prompts, PromptSet) or not index_dir().is_dir():
+        return None
+    return index_dir() / f"passed-{prompts.sha256}-{hashlib.sha256(chr(10).join(rules).encode()).hexdigest()[:16]}"

@@ -33,7 +33,12 @@ SUFFIXES = (".txt", ".jsonl", ".csv")
 SPLITS = ("train", "test")
 SET_KEYS = ("file", "column", "split", "sha256", "count")  # what a prompts object may hold
 READ_BYTES = 4 << 20  # bytes per read while indexing: the transient memory of a pass
-_SKIP_FIRST = np.frombuffer(b" \t\r#", np.uint8)  # lines that begin so are checked one by one (comment, blank, spaces)
+_HASH_MARK = ord("#")
+
+
+class _NoHash:
+    def update(self, data) -> None:
+        pass
 
 
 def index_dir() -> Path:
@@ -80,6 +85,18 @@ class PromptFile:
             self._csv_at = _csv_header(f.readline().decode("utf-8"), self.column, self.key, self.path)
         return _csv_prompt(line, self._csv_at, self.key, self.path).strip()
 
+    def __iter__(self):
+        """The prompts in order, read sequentially without the index (a pass over a .txt set runs at
+        disk speed and touches none of the index's pages); the same lines the index keeps."""
+        if self.kind != "txt":
+            yield from (self[i] for i in range(len(self)))
+            return
+        for chunk, _, _, _, _ in _lines(self.path, _NoHash()):
+            for line in chunk.decode("utf-8").split("\n"):
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    yield text
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
@@ -105,8 +122,7 @@ class PromptSet:
 
     def __iter__(self):
         for f in self.files:
-            for i in range(len(f)):
-                yield f[i]
+            yield from f
 
     def where(self, i: int) -> str:
         """'file.txt prompt 17' for messages."""
@@ -199,7 +215,10 @@ def _index_txt(path: Path, key: str, out, hasher) -> int:
         length = ends - starts
         first = arr[np.minimum(starts, len(arr) - 1)]
         last = arr[np.maximum(ends - 1, 0)]
-        plain = (length > 0) & ~np.isin(first, _SKIP_FIRST) & ~np.isin(last, _SKIP_FIRST[:2]) & (length <= MAX_PROMPT_CHARS)
+        # Plain lines begin and end with printable ASCII, so strip() leaves them as they are; the others
+        # (blank, comment, surrounded by spaces, non-ASCII at an end, too long) are judged one by one.
+        printable = (first > 32) & (first < 127) & (first != _HASH_MARK) & (last > 32) & (last < 127)
+        plain = (length > 0) & printable & (length <= MAX_PROMPT_CHARS)
         keep = plain.copy()
         for j in np.flatnonzero(~plain).tolist():  # comments, blanks, padded or long lines: one by one
             text = chunk[starts[j]:ends[j]].decode("utf-8").strip()

@@ -32,7 +32,8 @@ TRAIN_TEMPLATES = (
     "a drawing of the number {d}",
 )
 
-_WORD = re.compile(r"[a-z]+|\d+")
+_DIGIT = re.compile(r"(?<![a-z])(%s)(?![a-z])|(?<!\d)(\d)(?!\d)" % "|".join(DIGIT_NAMES))
+_VALUE = {name: i for i, name in enumerate(DIGIT_NAMES)}
 
 
 def prompt_for(digit: int, template: str = TRAIN_TEMPLATES[0]) -> str:
@@ -43,13 +44,11 @@ def prompt_for(digit: int, template: str = TRAIN_TEMPLATES[0]) -> str:
 
 
 def digit_of_prompt(prompt: str) -> int:
-    """Which digit a prompt names ('three' or '3'); ValueError if it names none or several."""
-    found = set()
-    for w in _WORD.findall(str(prompt).lower()):
-        if w in DIGIT_NAMES:
-            found.add(DIGIT_NAMES.index(w))
-        elif w.isdigit() and len(w) == 1:
-            found.add(int(w))
+    """Which digit a prompt names ('three' or '3'); ValueError if it names none or several.
+
+    A digit is a whole word of letters that is a digit's name, or a number of one figure; one regular
+    expression finds them (a job checks every prompt of its set with this before it starts)."""
+    found = {_VALUE[name] if name else int(figure) for name, figure in _DIGIT.findall(str(prompt).lower())}
     if len(found) != 1:
         what = "no digit" if not found else f"several digits {sorted(found)}"
         raise ValueError(
