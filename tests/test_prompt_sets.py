@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -179,17 +180,22 @@ RSS_PROBE = textwrap.dedent("""
     from egrpo_backend.jobs import create_job, read_events, run_job
     from egrpo_backend.config import JobSpec
     spec = json.loads(sys.argv[1])
-    t0 = time.perf_counter()
+    t0, t_wall = time.perf_counter(), time.time()
     job = create_job(JobSpec.from_dict(spec, base_dir=sys.argv[2]), sys.argv[3])
     run_job(job, progress=False)
-    first = next(e for e in read_events(job) if e["type"] == "metrics")
+    events = read_events(job)[0]
+    first = next(e for e in events if e["type"] == "metrics")
+    start = next(e for e in events if e["type"] == "start")
+    saved = json.loads((job / "job.json").read_text())["prompts"]
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "seconds": time.perf_counter() - t0, "iteration_seconds": first["seconds"]}))
+                      "seconds_to_iteration_1": start["time"] - t_wall, "seconds": time.perf_counter() - t0,
+                      "iteration_seconds": first["seconds"], "count": saved["count"],
+                      "first_prompt_read": bool(JobSpec.from_dict(json.loads((job / "job.json").read_text())).prompt_set()[0])}))
 """)
 
 
 def _probe(tmp_path, name, prompts_file):
-    spec = {**tiny_spec(1), "prompts": {"file": prompts_file}, "rewards": [{"name": "jpeg_compressibility"}]}
+    spec = {**tiny_spec(1), "prompts": {"file": prompts_file}}
     spec["algorithm"] = {"steps": 2, "active": "0", "group_size": 2}
     spec["lora"], spec["output"]["formats"] = {"rank": 1}, ["peft"]
     out = subprocess.run([sys.executable, "-c", RSS_PROBE, json.dumps(spec), str(tmp_path), str(tmp_path / name)],
@@ -198,17 +204,28 @@ def _probe(tmp_path, name, prompts_file):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_numbered_prompts(path, n, prefix=b"a handwritten digit three no "):
+    """n distinct prompts naming one digit ('... no 00000042'), written with numpy in blocks (10M in seconds)."""
+    width = len(prefix) + 9
+    with open(path, "wb") as f:
+        for lo in range(0, n, 1_000_000):
+            i = np.arange(lo, min(n, lo + 1_000_000), dtype=np.int64)
+            rows = np.empty((i.size, width), np.uint8)
+            rows[:, : len(prefix)] = np.frombuffer(prefix, np.uint8)
+            for k in range(8):
+                rows[:, len(prefix) + k] = 48 + (i // 10 ** (7 - k)) % 10
+            rows[:, -1] = 10
+            rows.tofile(f)
+
+
 def test_a_10m_line_prompt_file_starts_training_in_bounded_memory(tmp_path):
-    """10,000,000 prompts (generated here, ~110 MB): indexed in one streamed pass and trained on without
-    the set in memory; the peak RSS stays within 200 MB of a 100-prompt run. Timings are printed, not
-    asserted (bench/prompt_sets.py measures the bars)."""
-    n = 10_000_000
-    with open(tmp_path / "big.txt", "wb") as f:
-        block = 1_000_000
-        for start in range(0, n, block):
-            f.write("".join(f"a digit {i}\n" for i in range(start, start + block)).encode())
-    (tmp_path / "small.txt").write_text("".join(f"a digit {i}\n" for i in range(100)))
+    """10,000,000 prompts (generated here, 370 MB): indexed, hashed and checked against the digits model's
+    rule in streamed passes, and trained on without the set in memory; the peak RSS stays within 200 MB
+    of a 100-prompt run. Timings are printed, not asserted (bench/prompt_sets.py measures the bars)."""
+    write_numbered_prompts(tmp_path / "big.txt", 10_000_000)
+    write_numbered_prompts(tmp_path / "small.txt", 100)
     small = _probe(tmp_path, "small", "small.txt")
     big = _probe(tmp_path, "big", "big.txt")
     print(f"\n100 prompts: {small}\n10M prompts: {big}")
+    assert big["count"] == 10_000_000 and big["first_prompt_read"]
     assert big["peak_rss_mb"] - small["peak_rss_mb"] < 200

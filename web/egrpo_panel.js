@@ -5,7 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const state = { jobs: [], selected: null, metrics: {}, root: null };
+const state = { jobs: [], selected: null, metrics: {}, root: null, encoding: {} };  // encoding: job -> its latest "encode" event
 
 async function getJSON(path, options) {
   const res = await api.fetchApi(path, options);
@@ -124,6 +124,8 @@ function jobRow(job) {
       style: { background: "#355", borderRadius: "3px", padding: "0 4px", marginRight: "4px" } }, `${job.world_size} ranks`) : null),
     `${job.iteration}/${job.total} it` + (job.reward_mean != null ? ` · reward ${job.reward_mean.toFixed(3)}` : "") +
     (job.eta_seconds != null ? ` · ${fmtEta(job.eta_seconds)}` : "")),
+  active && state.encoding[job.id] ? el("div", { class: "egrpo-encoding", style: { fontSize: "11px", opacity: 0.8 } },
+    `encoding prompts ${state.encoding[job.id].done}/${state.encoding[job.id].total} (of ${state.encoding[job.id].set_size})`) : null,
   job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: job.status === "failed" || job.status === "damaged" ? "#f66" : "#aaa" } }, job.message) : null,
   // The embedded digits model's LoRA is not offered to LoraLoader (no ComfyUI model can load it).
   job.lora && !job.lora_name ? el("div", { class: "egrpo-lora-path", style: { fontSize: "11px", opacity: 0.7 } },
@@ -166,7 +168,9 @@ app.registerExtension({
   name: "egrpo.panel",
   async setup() {
     api.addEventListener("egrpo.event", ({ detail }) => {
-      if (detail.type === "done") {
+      if (detail.type === "encode") {  // prompts encoded ahead of training (docs/prompts.md); gone when the chunk ends
+        if (detail.done < detail.total) state.encoding[detail.job] = detail; else delete state.encoding[detail.job];
+      } else if (detail.type === "done") {
         toast(detail.status === "finished" ? "success" : "info", `E-GRPO job ${detail.status}`,
               `${detail.job}${detail.lora ? `\nLoRA: ${detail.lora}` : ""}`);
       } else if (detail.type === "error") {

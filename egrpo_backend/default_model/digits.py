@@ -58,6 +58,46 @@ def digit_of_prompt(prompt: str) -> int:
     return found.pop()
 
 
+def first_without_one_digit(prompts: list[str]) -> int | None:
+    """The index of the first prompt that digit_of_prompt refuses, or None: the same answers, vectorized
+    over the prompts' bytes (a job checks millions of prompts before it starts; docs/prompts.md)."""
+    import numpy as np
+
+    data = "\n".join(prompts).encode("utf-8")
+    if len(data) != sum(map(len, prompts)) + len(prompts) - 1:  # non-ASCII text: lower() and \d are Unicode
+        return next((i for i, p in enumerate(prompts) if not _names_one_digit(p)), None)
+    arr = np.frombuffer(data, np.uint8)
+    low = arr | ((arr >= 65) & (arr <= 90)).astype(np.uint8) * 32
+    alpha = np.concatenate(((low >= 97) & (low <= 122), [False]))
+    figure = np.concatenate(((arr >= 48) & (arr <= 57), [False]))
+    hits, values = [], []
+    for value, name in enumerate(DIGIT_NAMES):
+        at = np.flatnonzero(low[: len(low) - len(name) + 1] == ord(name[0]))
+        for k, ch in enumerate(name[1:], 1):
+            at = at[low[at + k] == ord(ch)]
+        at = at[~alpha[at - 1] | (at == 0)]
+        at = at[~alpha[at + len(name)]]
+        hits.append(at)
+        values.append(np.full(at.size, value))
+    before = np.concatenate(([False], figure[:-2]))
+    single = np.flatnonzero(figure[:-1] & ~before & ~figure[1:])
+    hits.append(single)
+    values.append(arr[single].astype(np.int64) - 48)
+    line = np.searchsorted(np.flatnonzero(arr == 10), np.concatenate(hits))  # the prompt each hit is in
+    named = np.zeros(len(prompts), np.int32)  # bit d set: the prompt names digit d
+    np.bitwise_or.at(named, line, (1 << np.concatenate(values)).astype(np.int32))
+    bad = np.flatnonzero((named == 0) | (named & (named - 1) != 0))  # none, or more than one bit
+    return int(bad[0]) if bad.size else None
+
+
+def _names_one_digit(prompt: str) -> bool:
+    try:
+        digit_of_prompt(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 def train_prompts() -> list[str]:
     """The 50 prompts (10 digits x 5 templates) used for pretraining and RL training."""
     return [prompt_for(d, t) for t in TRAIN_TEMPLATES for d in range(10)]

@@ -1,8 +1,9 @@
-"""A diffusers pipeline's text encoders, used once and freed (docs/memory.md, "Text encoders").
+"""A diffusers pipeline's text encoders, on the device only while they encode (docs/memory.md, "Text encoders").
 
 The encoders (CLIP, T5-XXL, Gemma ...) load from the pipeline folder only when a prompt is missing
-from the cond cache, sit on the device only while they encode, and `release()` drops every
-reference to them. Text features come from the pipeline's own `encode_prompt` (SD3, FLUX, Sana).
+from the cond store, sit on the device for one chunk of prompts (`session()`, docs/prompts.md) and
+on the CPU between chunks, and `release()` drops every reference to them (they load again if needed).
+Text features come from the pipeline's own `encode_prompt` (SD3, FLUX, Sana).
 """
 
 from __future__ import annotations
