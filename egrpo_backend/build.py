@@ -71,6 +71,8 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
         # evicted prompt is needed again); a large one is encoded chunk by chunk as training reaches it.
         policy.encode_ahead(texts_to_encode(spec))
         policy.release_text_encoder()
+    elif hasattr(policy, "encode_ahead"):  # the held-out and negative prompts in one session, now
+        policy.encode_ahead(list(dict.fromkeys([p for p, _ in eval_pairs(spec)] + [spec.algorithm.negative_prompt])))
     return Trainer(policy, spec, reward, prompts)
 
 

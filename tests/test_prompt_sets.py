@@ -187,7 +187,8 @@ RSS_PROBE = textwrap.dedent("""
     first = next(e for e in events if e["type"] == "metrics")
     start = next(e for e in events if e["type"] == "start")
     saved = json.loads((job / "job.json").read_text())["prompts"]
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"peak_rss_mb": usage.ru_maxrss / 1024, "cpu_seconds": usage.ru_utime + usage.ru_stime,
                       "seconds_to_iteration_1": start["time"] - t_wall, "seconds": time.perf_counter() - t0,
                       "iteration_seconds": first["seconds"], "count": saved["count"],
                       "first_prompt_read": bool(JobSpec.from_dict(json.loads((job / "job.json").read_text())).prompt_set()[0])}))
@@ -226,6 +227,6 @@ def test_a_10m_line_prompt_file_starts_training_in_bounded_memory(tmp_path):
     write_numbered_prompts(tmp_path / "small.txt", 100)
     small = _probe(tmp_path, "small", "small.txt")
     big = _probe(tmp_path, "big", "big.txt")
-    print(f"\n100 prompts: {small}\n10M prompts: {big}")
+    print(f"\n100 prompts: {small}\n10M prompts: {big}\nload average {os.getloadavg()[0]:.1f}")
     assert big["count"] == 10_000_000 and big["first_prompt_read"]
     assert big["peak_rss_mb"] - small["peak_rss_mb"] < 200
