@@ -51,7 +51,7 @@ def main() -> int:
         spec = {"model": {"source": "default"}, "prompts": {"file": "prompts.txt"},
                 "rewards": [{"name": "digit_probability"}],
                 "algorithm": {"steps": 6, "active": "0-1", "group_size": 4},
-                "lora": {"rank": 4}, "train": {"iterations": 1, "prompts_per_iteration": 2, "device": "cpu"},
+                "lora": {"rank": 4}, "train": {"iterations": 1, "prompts_per_iteration": 2, "device": "cpu", "threads": 1},
                 "output": {"name": "bench", "formats": ["peft", "kohya", "comfy"]}}
         (tmp / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "EGRPO_PROMPT_INDEX": str(tmp / "index"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -66,12 +66,16 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
         add_job_lora(policy, spec)
     reward = reward or build_rewards(spec)
     prompts = training_prompts(spec)
-    if hasattr(policy, "encode_ahead") and len(prompts) <= ENCODE_CHUNK:
+    if not hasattr(policy, "encode_ahead"):  # no cond store (the comfy source reads its node's cache): every text now
+        policy.encode(texts_to_encode(spec))
+        if hasattr(policy, "release_text_encoder"):
+            policy.release_text_encoder()
+    elif len(prompts) <= ENCODE_CHUNK:
         # A small set is encoded whole now and the text encoders leave memory (they reload only if an
         # evicted prompt is needed again); a large one is encoded chunk by chunk as training reaches it.
         policy.encode_ahead(texts_to_encode(spec))
         policy.release_text_encoder()
-    elif hasattr(policy, "encode_ahead"):  # the held-out and negative prompts in one session, now
+    else:  # the held-out and negative prompts in one session, now
         policy.encode_ahead(list(dict.fromkeys([p for p, _ in eval_pairs(spec)] + [spec.algorithm.negative_prompt])))
     return Trainer(policy, spec, reward, prompts)
 
