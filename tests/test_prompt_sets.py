@@ -230,3 +230,20 @@ def test_a_10m_line_prompt_file_starts_training_in_bounded_memory(tmp_path):
     print(f"\n100 prompts: {small}\n10M prompts: {big}\nload average {os.getloadavg()[0]:.1f}")
     assert big["count"] == 10_000_000 and big["first_prompt_read"]
     assert big["peak_rss_mb"] - small["peak_rss_mb"] < 200
+
+
+def test_a_lora_trained_on_a_prompt_file_names_its_hash_and_no_path(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_numbered_prompts(tmp_path / "data" / "train.txt", 5000)
+    spec = {**tiny_spec(1), "prompts": {"file": "data/train.txt"}}
+    spec["algorithm"], spec["lora"] = {"steps": 2, "active": "0", "group_size": 2}, {"rank": 1}
+    from egrpo_backend.jobs import create_job, run_job
+
+    job = create_job(JobSpec.from_dict(spec, base_dir=str(tmp_path)), tmp_path / "job")
+    for path in run_job(job, progress=False)["lora"]:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+        text = json.dumps(meta)
+        assert len(text) < 64 * 1024 and str(tmp_path) not in text and "train.txt" not in text
+        digest = json.loads(meta["egrpo.spec"])["prompts"]
+        assert digest == {"count": 5000, "sha256": __import__("hashlib").sha256((tmp_path / "data" / "train.txt").read_bytes()).hexdigest()}
