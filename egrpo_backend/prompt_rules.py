@@ -52,7 +52,7 @@ def check_prompt_rules(spec: JobSpec) -> None:
                 except ValueError as e:
                     i = start + bad
                     where = prompts.where(i) if hasattr(prompts, "where") else f"prompt {i + 1}"
-                    raise SpecError(f"{key} ({where}): {e} ({who} reads the digit from the prompt)") from None
+                    raise SpecError(f"{key}: {e} ({where}; {who} reads the digit from the prompt)") from None
         if passed is not None:
             with contextlib.suppress(OSError):
                 passed.write_text("")

@@ -78,7 +78,7 @@ def test_a_set_that_breaks_the_models_prompt_rule_is_refused_before_anything_is_
 
     monkeypatch.setattr(text, "get_text_encoder", lambda: pytest.fail("nothing may be encoded"))
     spec = JobSpec.from_dict({**tiny_spec(1), "prompts": {"file": "p.txt"}}, base_dir=str(tmp_path))
-    with pytest.raises(SpecError, match=r"prompts \(p.txt prompt 1\): prompt 'digit 62351' names no digit"):
+    with pytest.raises(SpecError, match=r"prompts: prompt 'digit 62351' names no digit.*\(p.txt prompt 1; the embedded digits model"):
         create_job(spec, tmp_path / "job")
     assert not (tmp_path / "job").exists()
 
