@@ -6,6 +6,8 @@ header's size and whether it names any absolute path.
 
 Each run uses a fresh prompt-index folder (EGRPO_PROMPT_INDEX), so the file is hashed, indexed and
 its prompts checked against the model's rule in the timed run (nothing is remembered from before).
+The job runs with one torch thread and the report gives CPU seconds beside wall seconds: on a shared
+machine the wall time measures the other work as much as this one.
 """
 
 from __future__ import annotations

@@ -48,8 +48,6 @@ def index_dir() -> Path:
 class PromptList(list):
     """An inline list (or a stored .json list): the same interface as PromptSet."""
 
-    sha256_kind = "joined"
-
     def digest(self) -> dict:
         from .provenance import prompt_digest
 
