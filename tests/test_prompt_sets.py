@@ -247,3 +247,22 @@ def test_a_lora_trained_on_a_prompt_file_names_its_hash_and_no_path(tmp_path):
         assert len(text) < 64 * 1024 and str(tmp_path) not in text and "train.txt" not in text
         digest = json.loads(meta["egrpo.spec"])["prompts"]
         assert digest == {"count": 5000, "sha256": __import__("hashlib").sha256((tmp_path / "data" / "train.txt").read_bytes()).hexdigest()}
+
+
+def test_the_vectorized_digit_rule_gives_the_answers_of_digit_of_prompt():
+    import random
+
+    from egrpo_backend.default_model.digits import digit_of_prompt, first_without_one_digit
+
+    def ok(p):
+        try:
+            digit_of_prompt(p)
+            return True
+        except ValueError:
+            return False
+
+    pieces = list("ab3 7xne,.-0TwO") + ["one", "seven", "Eight", "nine ", "12", "zero", "threes", "٣"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        block = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(1, 12))]
+        assert first_without_one_digit(block) == next((i for i, p in enumerate(block) if not ok(p)), None), block
