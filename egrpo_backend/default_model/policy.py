@@ -10,13 +10,15 @@ import torch
 from ..policies.diffusers_policy import DiffusersPolicy
 
 
-def load_default_policy(device: torch.device | str = "cpu") -> DiffusersPolicy:
+def load_default_policy(device: torch.device | str = "cpu", cond_cache=None, cond_cache_gb: float = 20.0,
+                        cond_memory_gb: float = 2.0) -> DiffusersPolicy:
     from .model import load_default_transformer
     from .text import get_text_encoder
 
     encoder = get_text_encoder()
     return DiffusersPolicy(load_default_transformer("cpu"), encoder.encode, (1, 16, 16), vae=None, family="sd3",
-                           device=device, dtype=torch.float32)
+                           device=device, dtype=torch.float32, cond_cache=cond_cache, cond_cache_gb=cond_cache_gb,
+                           cond_memory_gb=cond_memory_gb)
 
 
 def default_job_inputs() -> dict:
