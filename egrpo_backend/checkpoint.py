@@ -65,7 +65,8 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     architecture = getattr(trainer.policy, "architecture", None)
-    lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture))
+    lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture),
+                         naming="own")  # the model's own module names: what a resume loads back
     record = {"trainer": trainer_state, "runner": runner_state, "architecture": architecture}
     with atomic_path(tmp / "state.pt") as part:  # fsynced before the folder is renamed into place
         torch.save(record, part)

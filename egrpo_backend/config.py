@@ -22,7 +22,7 @@ class SpecError(ValueError):
 
 # Upper bounds: far above any real run, low enough that a typo cannot ask for an endless job.
 MAX_ITERATIONS = 1_000_000
-MAX_PROMPTS = 100_000  # prompts in a list or file (each is encoded once before training)
+MAX_PROMPTS = 100_000  # prompts in an inline list; a prompt file (prompt_sets.py) has no limit
 MAX_PROMPTS_PER_ITERATION = 4096
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_THREADS = 1024
@@ -93,8 +93,11 @@ class ModelSpec:
     family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA, for comfy models, and with offload_blocks), on, off
+    offload_blocks: Any = 0  # block swap (docs/memory.md): the last N transformer blocks stream from host memory; "auto": from free memory
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
+    width: int = 0  # diffusers source: image width in pixels; 0 = the transformer config's sample_size (FLUX.1 has none: set it)
+    height: int = 0  # diffusers source: image height in pixels; 0 = as width (both 0: sample_size)
 
     def validate(self) -> None:
         from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
@@ -105,6 +108,23 @@ class ModelSpec:
         _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
         _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.offload_blocks != "auto" and (isinstance(self.offload_blocks, bool) or not isinstance(self.offload_blocks, int)
+                                              or self.offload_blocks < 0):
+            raise SpecError(f"model.offload_blocks = {self.offload_blocks!r} is not allowed; give a block count (an "
+                            "integer >= 0, 0 = no block swap) or 'auto' (from the device's free memory)")
+        if self.offload_blocks != 0 and self.source == "default":
+            raise SpecError("model.offload_blocks: the default model is tiny and has nothing to swap; set it to 0")
+        if self.offload_blocks != 0 and self.gradient_checkpointing == "off":
+            raise SpecError("model.offload_blocks needs gradient checkpointing (without it autograd keeps every swapped "
+                            "block's device copy until backward, so the update holds the whole model); set "
+                            "model.gradient_checkpointing to 'auto' or 'on', or model.offload_blocks to 0")
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+                raise SpecError(f"model.{side} must be a whole number of pixels in 0..16384 (0 = from the model's config), got {value!r}")
+        if self.source != "diffusers" and (self.width or self.height):
+            raise SpecError("model.width / model.height are for model.source 'diffusers'; the comfy source sets its size in "
+                            "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
         if self.source == "comfy":
@@ -115,7 +135,7 @@ class ModelSpec:
         place and so need recomputation to backpropagate at all (docs/memory.md)."""
         if self.gradient_checkpointing != "auto":
             return self.gradient_checkpointing == "on"
-        return device.type == "cuda" or self.source == "comfy"
+        return device.type == "cuda" or self.source == "comfy" or self.offload_blocks != 0
 
 
 @dataclass(init=False)
@@ -307,6 +327,8 @@ class TrainSpec:
     drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
     parallel: str = "ddp"  # multi-rank gradient averaging: ddp (LoRA replicated) | fsdp (FSDP2, frozen base sharded); see docs/scale_out.md
     dist_timeout: float = 300.0  # seconds a collective may wait before the process group fails (no hang when a rank dies)
+    cond_cache_gb: float = 20.0  # encoded prompts kept on disk in the job folder (conds/), least recently used dropped first; 0 = none
+    cond_memory_gb: float = 2.0  # encoded prompts kept in memory (LRU); prompts are encoded ahead in chunks (docs/prompts.md)
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
@@ -331,6 +353,8 @@ class TrainSpec:
             _range("train.drift_guard", self.drift_guard, 1, 100)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _range("train.dist_timeout", self.dist_timeout, 0, 86400, lo_open=True)
+        _range("train.cond_cache_gb", self.cond_cache_gb, 0, 1e6)
+        _range("train.cond_memory_gb", self.cond_memory_gb, 0, 1e4, lo_open=True)
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
 
@@ -356,24 +380,11 @@ class OutputSpec:
             _choice("output.formats[]", f, FORMATS)
 
 
-def _read_prompt_file(path: Path, key: str):
-    """A .json file holds a list of prompts (a job folder's prompts-<sha256>.json); any other file has one
-    prompt per line ('#' starts a comment line)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{key}.file {path} is not valid JSON ({e}); a .json prompt file holds a list of strings") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    return [p for p in lines if p and not p.startswith("#")]
-
-
 @dataclass
 class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
-    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (one per line)
-    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms); [] = none (or the model's own set)
+    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (a .txt / .jsonl / .csv file or folder, docs/prompts.md)
+    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms, e.g. {"file": "hpdv2", "split": "test"}); [] = none (or the model's own set)
     eval_seeds: list = field(default_factory=list)  # seeds for held-out sampling; [] = 10000..10009
     rewards: list = field(default_factory=lambda: [{"name": "jpeg_compressibility", "weight": 1.0}])  # [{"name", "weight", ...options}]
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
@@ -385,9 +396,12 @@ class JobSpec:
     def validate(self) -> "JobSpec":
         for part in (self.model, self.algorithm, self.lora, self.train, self.output):
             part.validate()
-        self.prompt_list()  # resolves and checks the prompt file
+        if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
+            raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
+                            "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
+        self.prompt_set()  # resolves, indexes and checks the prompt file (streamed)
         if self.eval_prompts:
-            self.prompt_list(eval=True)
+            self.prompt_set(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
         from .rewards import frames as reward_frames
@@ -412,36 +426,27 @@ class JobSpec:
                 raise SpecError(str(e)) from None
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
             raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
+        from .export_formats import unloadable_formats
+
+        for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
+            raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
+                            f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
         return self
 
-    def prompt_list(self, eval: bool = False) -> list[str]:
-        value = self.eval_prompts if eval else self.prompts
+    def prompt_set(self, eval: bool = False):
+        """The training (or held-out) prompts as a sequence: an inline list, or a file / folder read as a
+        stream through its index (prompt_sets.py); len() and [i] without holding the set."""
+        from .prompt_sets import open_prompts
+
         key = "eval_prompts" if eval else "prompts"
-        if isinstance(value, dict):
-            if set(value) != {"file"}:
-                raise SpecError(f"{key} as an object takes only the key 'file', got {sorted(value)}")
-            if not isinstance(value["file"], str) or not value["file"]:
-                raise SpecError(f"{key}.file must be the path of a .txt file (a string), got {value['file']!r}")
-            path = Path(value["file"])
-            if not path.is_absolute() and self.base_dir:
-                path = Path(self.base_dir) / path
-            if not path.is_file():
-                raise SpecError(f"{key}.file: prompt file not found: {path} (give a .txt file with one prompt per line)")
-            value = _read_prompt_file(path, key)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            raise SpecError(f"{key} must be a list of strings or {{'file': 'prompts.txt'}}")
-        value = [p.strip() for p in value]
-        if len(value) > MAX_PROMPTS:
-            raise SpecError(f"{key} has {len(value)} prompts; at most {MAX_PROMPTS} are allowed (split the run)")
-        if any(len(p) > MAX_PROMPT_CHARS for p in value):
-            raise SpecError(f"{key} has a prompt longer than {MAX_PROMPT_CHARS} characters")
-        if not eval and not value and self.model.source != "default":
+        value = open_prompts(self.eval_prompts if eval else self.prompts, key, self.base_dir)
+        if not eval and not len(value) and self.model.source != "default":
             raise SpecError(f"{key} is empty; give at least one prompt (the embedded default has its own prompt set)")
-        if any(not p for p in value):
-            raise SpecError(f"{key} contains an empty prompt; remove empty entries")
         return value
+
+    def prompt_list(self, eval: bool = False) -> list[str]:
+        """Every prompt in memory: for held-out sets and small lists (training reads prompt_set)."""
+        return list(self.prompt_set(eval))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

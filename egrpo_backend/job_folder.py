@@ -138,6 +138,16 @@ def _store_prompts(job_dir: Path, prompts: list[str]):
     return {"file": name}
 
 
+def _job_prompts(job_dir: Path, spec: JobSpec, value, prompts):
+    """An inline list is stored once in the job folder and referred to by hash; a prompt file or folder
+    (docs/prompts.md) stays where it is, recorded by absolute path, sha256 and count (checked at every start)."""
+    from .prompt_sets import PromptSet, recorded
+
+    if isinstance(prompts, PromptSet):
+        return recorded(value, prompts, spec.base_dir)
+    return _store_prompts(job_dir, list(prompts))
+
+
 def create_job(spec: JobSpec | dict, job_dir) -> Path:
     """Validate the spec and write job.json into a new (or empty) directory."""
     job_dir = Path(job_dir)
@@ -145,6 +155,9 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
         spec = JobSpec.from_dict(spec)
     if (job_dir / "job.json").exists():
         raise FileExistsError(f"{job_dir} already holds a job; use `resume {job_dir}` or choose another --out")
+    from .prompt_rules import check_prompt_rules
+
+    check_prompt_rules(spec)  # a prompt the model cannot read is refused before the folder exists (streamed)
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         probe = job_dir / ".write_test"
@@ -153,16 +166,15 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
     except OSError as e:
         raise PermissionError(f"cannot write the job directory {job_dir}: {e.strerror}; choose a writable --out") from None
     data = spec.to_dict()
-    # Prompts (a list, or a file read once here) are stored once in the job folder and referred to by hash.
-    data["prompts"] = _store_prompts(job_dir, spec.prompt_list())
-    data["eval_prompts"] = _store_prompts(job_dir, spec.prompt_list(eval=True) if spec.eval_prompts else [])
+    data["prompts"] = _job_prompts(job_dir, spec, spec.prompts, spec.prompt_set())
+    data["eval_prompts"] = _job_prompts(job_dir, spec, spec.eval_prompts, spec.prompt_set(eval=True) if spec.eval_prompts else [])
     atomic_write_json(job_dir / "job.json", data)
     write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
     return job_dir
 
 
 def request_cancel(job_dir) -> bool:
-    """Ask the job's running process to stop after its current iteration (it writes a usable LoRA).
+    """Ask the job's running process to stop at its next safe point between phases (it writes a usable LoRA).
 
     Refused when no process runs the job (job_process.py): a request left behind would stop the next
     run after one iteration. SIGTERM goes only to a process provably the job's (Linux); the `cancel`

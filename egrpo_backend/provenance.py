@@ -45,8 +45,8 @@ def shareable_spec(spec: JobSpec) -> dict:
     """The spec as a LoRA header may carry it: prompts as digests, file names instead of paths."""
     data = spec.to_dict()
     data.pop("base_dir", None)
-    data["prompts"] = prompt_digest(spec.prompt_list())
-    data["eval_prompts"] = prompt_digest(spec.prompt_list(eval=True)) if spec.eval_prompts else prompt_digest([])
+    data["prompts"] = spec.prompt_set().digest()  # a set file: the sha256 of its bytes (docs/prompts.md)
+    data["eval_prompts"] = spec.prompt_set(eval=True).digest() if spec.eval_prompts else prompt_digest([])
     data = _strip_paths(data)
     size = len(json.dumps(data))
     if size > HEADER_LIMIT_BYTES:

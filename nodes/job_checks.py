@@ -103,19 +103,11 @@ def resolve_prompt_files(extra: dict, input_dir) -> dict:
 
 def check_prompts(job) -> None:
     """The embedded digits model (and the digit_probability reward) understand prompts that name exactly
-    one digit; the same check the job would run, on every training and held-out prompt."""
-    needs_digit = job.model.source == "default" or any(r["name"] == "digit_probability" for r in job.rewards)
-    if not needs_digit:
-        return
-    from egrpo_backend.default_model.digits import digit_of_prompt
+    one digit; the same streamed check the job runs (egrpo_backend/prompt_rules.py), on every training
+    and held-out prompt."""
+    from egrpo_backend.prompt_rules import check_prompt_rules
 
-    why = "the embedded digits model" if job.model.source == "default" else "the digit_probability reward"
-    for key, prompts in (("prompts", job.prompt_list()), ("eval_prompts", job.prompt_list(eval=True))):
-        for p in prompts:
-            try:
-                digit_of_prompt(p)
-            except ValueError as e:
-                raise ValueError(f"{key}: {e} ({why} reads the digit from the prompt)") from None
+    check_prompt_rules(job)
 
 
 def check_device(device: str) -> None:
