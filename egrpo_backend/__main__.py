@@ -107,6 +107,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_run(a) -> int:
+    _settle(a.job_dir)
     if a.nproc_per_node > 1:
         return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
@@ -116,6 +117,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_resume(a) -> int:
+    _settle(a.job_dir)  # a killed run's "running" is made "failed" on disk first, whatever happens next
     # The lock (not a pid that may have been reused) says whether another process runs the job; a stale
     # cancel request was dropped when the lock was taken, a fresh one (sent since this process started)
     # is honoured, so this is run_job and not jobs.resume_job.
@@ -125,6 +127,13 @@ def cmd_resume(a) -> int:
         from .jobs import run_job
 
         return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
+
+
+def _settle(job_dir) -> None:
+    from .job_folder import settle_status
+
+    if (Path(job_dir) / "job.json").is_file():
+        settle_status(job_dir)
 
 
 def _job_dir(path) -> Path:
@@ -150,9 +159,10 @@ def cmd_export(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .job_folder import current_status as read_status  # a dead run reads as "failed: process ended"
+    from .job_folder import settle_status  # a dead run reads (and is saved) as "failed: process ended"
 
-    print(json.dumps(read_status(a.job_dir), indent=2))
+    _job_dir(a.job_dir)
+    print(json.dumps(settle_status(a.job_dir), indent=2))
     return 0
 
 
@@ -254,13 +264,20 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except OSError as e:  # a full disk (job_files.DiskFull names the folder and the bytes needed)
         if getattr(e, "errno", None) not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
+
+
+def _print_error(e: BaseException) -> None:
+    """One line, printable on any terminal: a lone surrogate or a newline inside a quoted value must not
+    turn the refusal into a UnicodeEncodeError or a second line."""
+    text = " ".join(str(e).splitlines()).encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,14 @@ def atomic_path(path: str | os.PathLike, size: int = 0) -> Iterator[Path]:
     what was written before the disk filled).
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden name ending in .tmp: ComfyUI's file lists skip it if they look mid-write.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # A hidden name ending in .tmp: ComfyUI's file lists skip it if they look mid-write.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(dest.parent, max(size, 1), dest.name) from e
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -46,7 +46,7 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
 from .config import JobSpec, SpecError
 from .evaluation import HeldOut
 from .guard import HackingGuard
-from .job_files import job_subdir
+from .job_files import DiskFull, job_subdir
 from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
                          read_json, read_status, request_cancel, write_status)
 from .paths import check_name
@@ -135,12 +135,15 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
 def _record_failure(job_dir: Path, events: EventLog, error: BaseException) -> None:
     """The error event and the failed status, as far as the disk allows: when it is full, these writes
     fail too, and the status still reads failed ("process ended", job_folder.current_status)."""
-    msg = f"{type(error).__name__}: {error}" + (f" (rank {distributed.rank()})" if distributed.world_size() > 1 else "")
-    try:
-        events.emit("error", message=msg, traceback=traceback.format_exc())
-        _writer_status(job_dir, status="failed", message=msg, pid=None)
-    except OSError as e:
-        log.warning("could not record the failure of %s: %s", job_dir, e)
+    msg = str(error) if isinstance(error, DiskFull) else f"{type(error).__name__}: {error}"  # "failed: disk full: ..."
+    msg += f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+    # The status first: on a full disk it can still be written in place, the event line may not fit.
+    for record in (lambda: _writer_status(job_dir, status="failed", message=msg, pid=None),
+                   lambda: events.emit("error", message=msg, traceback=traceback.format_exc())):
+        try:
+            record()
+        except OSError as e:
+            log.warning("could not record the failure of %s: %s", job_dir, e)
 
 
 def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, until, progress) -> dict:
@@ -202,15 +205,26 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     if not writer:
         return {"status": status, "iteration": trainer.state.iteration, "lora": [], "history": trainer.state.history,
                 "eval": held_out.history}
-    return _finish(job_dir, spec, trainer, held_out, status, events)
+    return _finish(job_dir, spec, trainer, held_out, status, events, trained=trainer.state.iteration > done_at_start)
 
 
-def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: str, events: EventLog) -> dict:
-    """Export the LoRA in every format, write the reports and the final status."""
+def _exported(job_dir: Path, spec: JobSpec) -> list[Path] | None:
+    """The LoRA files an earlier end of this run wrote (the copy in output.copy_to first), or None if one is missing."""
+    paths = [job_dir / "lora" / _lora_file_name(spec, fmt) for fmt in spec.output.formats]
+    if spec.output.copy_to:
+        paths[0] = Path(spec.output.copy_to) / paths[0].name
+    return paths if all(p.is_file() for p in paths) else None
+
+
+def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: str, events: EventLog,
+            trained: bool = True) -> dict:
+    """Export the LoRA in every format, write the reports and the final status. A run that trained no
+    iteration (`resume` of a finished job) keeps the files already exported: same tensors, same bytes."""
     it = trainer.state.iteration
     if it < spec.train.iterations and status == "finished":
         status = "stopped"  # `until` reached: resumable
-    paths = [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
+    paths = (None if trained else _exported(job_dir, spec)) or [export_job(job_dir, fmt, spec=spec)
+                                                                 for fmt in spec.output.formats]
     write_reports(job_dir, trainer.state.history, held_out.history)
     (job_dir / "cancel").unlink(missing_ok=True)
     lora = str(paths[0].resolve())

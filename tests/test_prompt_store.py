@@ -12,7 +12,10 @@ from egrpo_backend.jobs import create_job, export_job, load_spec, run_job
 from egrpo_backend.provenance import HEADER_LIMIT_BYTES, prompt_digest
 from test_jobs import tiny_spec
 
-PROMPTS = [f"a handwritten digit {'three' if i % 2 else 'seven'} no {i}" for i in range(MAX_PROMPTS)]
+# Distinct prompts that each name one digit (the digits model's prompt rule): the index spelled in the
+# letters q..z, which spell no digit name.
+PROMPTS = [f"a handwritten digit {'three' if i % 2 else 'seven'} no {str(i).translate(str.maketrans('0123456789', 'qrstuvwxyz'))}"
+           for i in range(MAX_PROMPTS)]
 
 
 def header_bytes(path) -> int:

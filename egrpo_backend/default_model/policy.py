@@ -20,10 +20,11 @@ def load_default_policy(device: torch.device | str = "cpu") -> DiffusersPolicy:
 
 
 def default_job_inputs() -> dict:
-    """Training prompts, held-out (prompt, seed) pairs, the diversity grouping (by named digit) and
-    the drift measure (distance to the nearest real held-out digit)."""
+    """Training prompts, held-out (prompt, seed) pairs, the diversity grouping (by named digit), the
+    drift measure (distance to the nearest real held-out digit) and the prompt rule: the model draws
+    the one digit a prompt names, so a prompt naming none (or several) is refused before any is encoded."""
     from .digits import digit_of_prompt, heldout_eval_set, train_prompts
     from .metrics import nearest_real_distance
 
     return {"prompts": train_prompts(), "eval_pairs": heldout_eval_set(), "group_key": digit_of_prompt,
-            "drift_fn": nearest_real_distance}
+            "drift_fn": nearest_real_distance, "prompt_rule": digit_of_prompt}
