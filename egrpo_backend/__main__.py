@@ -29,12 +29,32 @@ def _running_job(job_dir):
     if not job_process.holds_lock_here():  # another rank, or the launching parent, holds it
         yield
         return
-    lock, _ = job_process.claim(job_dir)
+    try:
+        lock, _ = job_process.claim(job_dir)
+    except OSError as e:  # the lock file's few bytes did not fit: the job cannot even start
+        _record_no_space(job_dir, e)
+        raise
     try:
         yield
     finally:
         (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
         lock.release()
+
+
+def _record_no_space(job_dir, error: OSError) -> None:
+    """A full disk before the job could start: raised as DiskFull, and status.json says so (in place)."""
+    from .job_files import DiskFull, is_disk_full
+
+    if not is_disk_full(error) or isinstance(error, DiskFull):
+        return
+    full = DiskFull(job_dir, 4096, job_process.LOCK_FILE)
+    try:
+        from .job_folder import write_status
+
+        write_status(job_dir, status="failed", pid=None, message=str(full))
+    except OSError:
+        pass
+    raise full from error
 
 
 def _launch_ranks(a) -> int:

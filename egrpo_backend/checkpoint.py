@@ -72,8 +72,9 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
             torch.save(record, part)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint would only hold space a full disk lacks
-        if is_disk_full(e) and not isinstance(e, DiskFull):
-            raise DiskFull(root, _tensor_bytes(record) + _tensor_bytes(lora), "a checkpoint") from e
+        if is_disk_full(e):  # named for the checkpoints folder (the temp folder is gone), with both files' bytes
+            needed = _tensor_bytes(record) + sum(_tensor_bytes([t.down, t.up]) for t in lora.values()) + 16384
+            raise DiskFull(root, needed, f"checkpoint {name} (lora.safetensors and state.pt)") from e
         raise
     final = root / name
     if final.exists():

@@ -73,7 +73,7 @@ class ComfySpec:
 
     def validate(self) -> None:
         _choice("model.comfy.kind", self.kind, COMFY_KINDS)
-        _range("model.comfy.guidance", self.guidance, 0)
+        _range("model.comfy.guidance", self.guidance, 0, 1000)
         for key in ("width", "height"):
             value = getattr(self, key)
             _range(f"model.comfy.{key}", value, 64, 4096)
@@ -105,8 +105,14 @@ class ModelSpec:
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
+        if self.source == "default" and self.path:  # never ignored silently: the embedded model has no file
+            raise SpecError(f"model.path = {_short(self.path)} is not used by model.source = 'default' (the embedded "
+                            "digits model); remove model.path or set model.source to 'diffusers' or 'comfy'")
         if self.source == "comfy":
             self.comfy.validate()
+        elif self.comfy != ComfySpec():
+            raise SpecError(f"model.comfy applies to model.source = 'comfy' only (this spec has {self.source!r}); "
+                            "remove model.comfy")
 
     def gradient_checkpointing_on(self, device) -> bool:
         """auto: on for CUDA (memory), and always for comfy models, whose blocks add residuals in
@@ -183,8 +189,8 @@ class AlgorithmSpec:
         from .schedule import DIFFUSION_KINDS, check_merge
         from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
-        _range("algorithm.shift", self.shift, 0, lo_open=True)
-        _range("algorithm.eta", self.eta, 0, lo_open=True)
+        _range("algorithm.shift", self.shift, 0, 1000, lo_open=True)
+        _range("algorithm.eta", self.eta, 0, 100, lo_open=True)
         _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
         try:
@@ -199,6 +205,13 @@ class AlgorithmSpec:
                                                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.active))):
             raise SpecError(f"algorithm.active must be a string like '0-7', '0,2,4', 'all', 'first_half' or a list of "
                             f"step indices, got {_short(self.active)}")
+        if isinstance(self.active, str) and self.active not in ("all", "first_half") and not all(
+                _ACTIVE_PART.match(part) for part in self.active.replace(" ", "").split(",")):
+            raise SpecError(f"algorithm.active = {_short(self.active)} is not allowed; write step indices 0..999 in "
+                            "ASCII digits like '0-7' or '0,2,4', or 'all' or 'first_half'")
+        if isinstance(self.active, list):
+            for i, step in enumerate(self.active):
+                _range(f"algorithm.active[{i}]", step, 0, 999)
         if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
             raise SpecError(f"algorithm.sigmas must be a list of numbers, got {_short(self.sigmas)}")
         if len(self.sigmas) > 1001:
@@ -214,8 +227,8 @@ class AlgorithmSpec:
         _choice("algorithm.granularity_grid", self.granularity_grid, GRANULARITY_GRIDS)
         _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1, 1000)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
-        _range("algorithm.slide_every", self.slide_every, 1)
-        _range("algorithm.sde_window", self.sde_window, 0)
+        _range("algorithm.slide_every", self.slide_every, 1, MAX_ITERATIONS)
+        _range("algorithm.sde_window", self.sde_window, 0, 1000)
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
         _choice("algorithm.train_subset", self.train_subset, TRAIN_SUBSETS)
         _choice("algorithm.kl_form", self.kl_form, KL_FORMS)
@@ -226,9 +239,9 @@ class AlgorithmSpec:
         _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
         _choice("algorithm.reward_mode", self.reward_mode, REWARD_MODES)
         _range("algorithm.clip_range", self.clip_range, 0, lo_open=True)
-        _range("algorithm.kl_beta", self.kl_beta, 0)
+        _range("algorithm.kl_beta", self.kl_beta, 0, 1e6)
         _choice("algorithm.update_mode", self.update_mode, UPDATE_MODES)
-        _range("algorithm.guidance_scale", self.guidance_scale, 0)
+        _range("algorithm.guidance_scale", self.guidance_scale, 0, 100)
         self._validate_nft()
         try:
             plan = self.plan()
@@ -286,13 +299,16 @@ class LoraSpec:
 
         _range("lora.rank", self.rank, 1, 1024)
         _range("lora.init_seed", self.init_seed, 0, MAX_SEED)
-        if not all(isinstance(m, str) and m for m in self.target_modules):
-            raise SpecError(f"lora.target_modules must be a list of module names, got {_short(self.target_modules)}")
-        _range("lora.alpha", self.alpha, 0, lo_open=True)
+        if not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in self.target_modules):
+            raise SpecError(f"lora.target_modules must be a list of module names (letters, digits, '_' and '.'), got "
+                            f"{_short(self.target_modules)}")
+        _range("lora.alpha", self.alpha, 0, 1e6, lo_open=True)
         _choice("lora.dtype", self.dtype, tuple(LORA_DTYPES))
 
 
 _DEVICE_INDEX = re.compile(r"cuda:([0-9]{1,4})\Z")
+_ACTIVE_PART = re.compile(r"([0-9]{1,3}(-[0-9]{1,3})?)?\Z")  # one part of '0-7,9' (ASCII: '٣'.isdigit() is True)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,255}\Z")
 
 
 @dataclass
@@ -325,7 +341,7 @@ class TrainSpec:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
         _range("train.prompts_per_iteration", self.prompts_per_iteration, 1, MAX_PROMPTS_PER_ITERATION)
         _range("train.lr", self.lr, 0, 1, lo_open=True)
-        _range("train.weight_decay", self.weight_decay, 0)
+        _range("train.weight_decay", self.weight_decay, 0, 1000)
         _range("train.grad_clip", self.grad_clip, 0, lo_open=True)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _range("train.warmup_iterations", self.warmup_iterations, 0, MAX_ITERATIONS)

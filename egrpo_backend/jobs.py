@@ -114,10 +114,10 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     distributed.init(distributed.rank_device(resolve_device(spec.train.device)), spec.train.dist_timeout)
     events = EventLog(job_dir) if distributed.is_writer() else _SilentLog()
     cancel = CancelFlag(job_dir)
-    _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
     threads = torch.get_num_threads()
     ended_cleanly = False
     try:
+        _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
         if spec.train.threads:  # the thread count changes float reduction order: part of a run's identity
             torch.set_num_threads(spec.train.threads)
         result = _run(job_dir, spec, events, cancel, until, progress and distributed.is_writer())

@@ -1,14 +1,16 @@
 """PNG pictures people would rather look at: the entropy plan, reward curves and sample grids.
 
-All writers are atomic (render to a temp file, then rename) and use matplotlib's Agg backend, so
+All writers are atomic (rendered in memory, written to a temp file, renamed) and use matplotlib's Agg backend, so
 they work headless and inside ComfyUI's process.
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_write_bytes
 
 
 def _figure(width=8.0, height=3.6):
@@ -21,9 +23,12 @@ def _figure(width=8.0, height=3.6):
 
 
 def _save(plt, fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+    buf = io.BytesIO()  # rendered first: a full disk is then named with the exact bytes needed
+    try:
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_entropy_plan(plan, path) -> None:
@@ -118,6 +123,7 @@ def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int
         for i, label in enumerate(row_labels):
             draw.text((4, int(i * step + step / 2 - 5)), label, fill="black")
         img = canvas
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
