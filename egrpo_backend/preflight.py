@@ -138,5 +138,5 @@ def check_reward_files(rewards: list[dict]) -> None:
             continue  # custom options may name other files: the reward checks those when it is built
         row = next((s for s in reward_status(r.get("reward_dir")) if s["name"] == r["name"]), None)
         if row is not None and not row["found"]:
-            raise SpecError(f"rewards[{i}] = {r['name']!r} needs {', '.join(row['files'])}, not found in "
+            raise SpecError(f"rewards[{i}]: reward {r['name']!r} needs {', '.join(row['files'])}, not found in "
                             f"{row['searched']}. {row['hint']}".strip())
