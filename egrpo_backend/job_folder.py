@@ -262,11 +262,16 @@ def request_cancel(job_dir) -> bool:
     if not job_process.job_running(job_dir):
         raise RuntimeError(f"job {job_dir} is not running (no process holds {job_process.LOCK_FILE}): there is "
                            f"nothing to cancel; its status is {settle_status(job_dir).get('status')!r}")
-    fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
     try:
-        os.write(fd, str(time.time()).encode())
-    finally:
-        os.close(fd)
+        fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
+        try:
+            os.write(fd, str(time.time()).encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(job_dir, 4096, job_process.CANCEL_FILE) from e
+        raise
     return job_process.signal_owner(job_dir, signal.SIGTERM)
 
 

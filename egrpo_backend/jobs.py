@@ -80,8 +80,7 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
     path = lora_lib.export_lora(tensors, target, fmt, metadata=lora_metadata(spec, metrics, record.get("architecture")))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, path.read_bytes())
+        atomic_write_bytes(dest, path.read_bytes())  # makes the folder too (a full disk named as DiskFull)
         return dest
     return path
 
