@@ -181,7 +181,7 @@ class EventLog:
         return event
 
 
-PROMPTS_FILE = re.compile(r"^prompts-[0-9a-f]{64}\.json$")  # a prompt list stored once in the job folder
+PROMPTS_FILE = re.compile(r"prompts-[0-9a-f]{64}\.json\Z")  # a prompt list stored once in the job folder
 
 
 def load_spec(job_dir) -> JobSpec:

@@ -5,7 +5,8 @@ The generator of issue 25 (`bad_specs`) makes specs that are wrong in one place,
 integers, non-ASCII digits, trailing newlines, lone surrogates, NUL bytes, zero reward weights,
 oversized strings in every string field, and values that were once clamped silently. Every one must
 be refused (rc 2), none may start training. CI runs EGRPO_FUZZ_SPECS (default 200) of them; the
-acceptance run used 1,000 (README, "Limits of a spec").
+acceptance run used 1,000 (README, "Limits of a spec"). The disk-full class is a real full disk (a
+small tmpfs at several fill levels) in tests/test_refused_up_front.py, simulated in test_disk_full.py.
 """
 
 import contextlib
