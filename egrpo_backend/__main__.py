@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import job_process  # light (no torch): the job's lock is taken before anything slow loads
-from .cancel import catch_early_sigterm
+from .cancel import ACK_FILE, catch_early_sigterm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
 if os.environ.get(job_process.LOCK_HELD_ENV) == "1" and "LOCAL_RANK" in os.environ:
@@ -25,7 +25,7 @@ def _running_job(job_dir):
     drop any cancel request when the run ends: it was addressed to this run. SIGTERM is caught first,
     so a job manager that sees the lock held may signal this process: while the model still loads, a
     SIGTERM means "cancel after the first iteration", not death by the default handler."""
-    catch_early_sigterm()
+    catch_early_sigterm(job_dir if job_process.holds_lock_here() else None)
     if not job_process.holds_lock_here():  # another rank, or the launching parent, holds it
         yield
         return
@@ -38,6 +38,7 @@ def _running_job(job_dir):
         yield
     finally:
         (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
+        (Path(job_dir) / ACK_FILE).unlink(missing_ok=True)
         lock.release()
 
 
@@ -167,7 +168,8 @@ def cmd_cancel(a) -> int:
 
     signalled = request_cancel(a.job_dir)  # refuses a job that is not running
     how = "" if signalled else " (through its cancel file: its process cannot be proven from here, so no signal)"
-    print(f"cancel requested for {a.job_dir}{how}: it stops after the current iteration and writes its LoRA")
+    print(f"cancel requested for {a.job_dir}{how}: it stops at its next safe point (between rollout, reward and "
+          "update) and writes the checkpoint and LoRA of its last finished iteration")
     return 0
 
 
@@ -255,8 +257,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("cancel", help="ask a running job to stop after its current iteration",
-                       description="Stop a job after its current iteration; it writes a usable LoRA.")
+    s = sub.add_parser("cancel", help="ask a running job to stop at its next safe point",
+                       description="Stop a job at its next safe point between phases (rollout, reward, update); it "
+                                   "writes the checkpoint and LoRA of its last finished iteration.")
     s.add_argument("job_dir")
     s.set_defaults(fn=cmd_cancel)
 

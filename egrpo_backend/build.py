@@ -46,9 +46,13 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 
 
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
-    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
-                                     target_modules=spec.lora.target_modules or None, dtype=spec.lora.dtype)
+    from .policies.block_swap import adopt_lora
+
+    targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
+    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,
+                                     dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
+    adopt_lora(policy.lora_model())  # block swap: a LoRA made on the host beside a swapped block goes to the device
 
 
 def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: WeightedRewards | None = None,

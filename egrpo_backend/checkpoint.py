@@ -67,7 +67,8 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
     record = {"trainer": trainer_state, "runner": runner_state, "architecture": architecture}
     try:
         tmp.mkdir()
-        lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture))
+        lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture),
+                             naming="own")  # the model's own module names: what a resume loads back
         with atomic_path(tmp / "state.pt", _tensor_bytes(record)) as part:  # fsynced before the folder is renamed into place
             torch.save(record, part)
     except BaseException as e:

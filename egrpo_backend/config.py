@@ -91,8 +91,11 @@ class ModelSpec:
     family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA, for comfy models, and with offload_blocks), on, off
+    offload_blocks: Any = 0  # block swap (docs/memory.md): the last N transformer blocks stream from host memory; "auto": from free memory
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
+    width: int = 0  # diffusers source: image width in pixels; 0 = the transformer config's sample_size (FLUX.1 has none: set it)
+    height: int = 0  # diffusers source: image height in pixels; 0 = as width (both 0: sample_size)
 
     def validate(self) -> None:
         from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
@@ -103,6 +106,25 @@ class ModelSpec:
         _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
         _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.offload_blocks != "auto" and (isinstance(self.offload_blocks, bool) or not isinstance(self.offload_blocks, int)
+                                              or self.offload_blocks < 0):
+            raise SpecError(f"model.offload_blocks = {_short(self.offload_blocks)} is not allowed; give a block count (an "
+                            "integer >= 0, 0 = no block swap) or 'auto' (from the device's free memory)")
+        if self.offload_blocks != "auto":
+            _range("model.offload_blocks", self.offload_blocks, 0, 10_000)  # far above any model's block count
+        if self.offload_blocks != 0 and self.source == "default":
+            raise SpecError("model.offload_blocks: the default model is tiny and has nothing to swap; set it to 0")
+        if self.offload_blocks != 0 and self.gradient_checkpointing == "off":
+            raise SpecError("model.offload_blocks needs gradient checkpointing (without it autograd keeps every swapped "
+                            "block's device copy until backward, so the update holds the whole model); set "
+                            "model.gradient_checkpointing to 'auto' or 'on', or model.offload_blocks to 0")
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+                raise SpecError(f"model.{side} must be a whole number of pixels in 0..16384 (0 = from the model's config), got {value!r}")
+        if self.source != "diffusers" and (self.width or self.height):
+            raise SpecError("model.width / model.height are for model.source 'diffusers'; the comfy source sets its size in "
+                            "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
         if self.source == "default" and self.path:  # never ignored silently: the embedded model has no file
@@ -119,7 +141,7 @@ class ModelSpec:
         place and so need recomputation to backpropagate at all (docs/memory.md)."""
         if self.gradient_checkpointing != "auto":
             return self.gradient_checkpointing == "on"
-        return device.type == "cuda" or self.source == "comfy"
+        return device.type == "cuda" or self.source == "comfy" or self.offload_blocks != 0
 
 
 @dataclass(init=False)
@@ -441,12 +463,16 @@ class JobSpec:
             most = self.train.max_update_units(self.algorithm)
             _range("train.minibatches", self.train.minibatches, 1, most,
                    why=f" (one iteration of this spec has at most {most} update inputs to split into minibatches)")
+        if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
+            raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
+                            "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
         self.prompt_list()  # resolves and checks the prompt file
         if self.eval_prompts:
             self.prompt_list(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
-        from .rewards.base import reward_names, reward_options
+        from .rewards import frames as reward_frames
+        from .rewards.base import reward_min_frames, reward_names, reward_options
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:
@@ -461,12 +487,22 @@ class JobSpec:
                 raise SpecError(f"unknown option 'rewards[{i}].{unknown[0]}' for reward {r['name']!r}; "
                                 f"its options: {', '.join(allowed) or 'none'}")
             _check_reward_option_types(i, r)
+            try:  # video: the frames a reward scores against the frames the model makes (docs/rewards.md)
+                reward_frames.check_reward_frames(f"rewards[{i}]", r["name"], r.get("frames", "all"),
+                                                  reward_min_frames(r["name"]), reward_frames.model_frames(self.model))
+            except ValueError as e:
+                raise SpecError(str(e)) from None
         if all(r.get("weight", 1.0) == 0 for r in self.rewards):  # the advantages would all be 0: no gradient at all
             raise SpecError(f"rewards[].weight: every reward weight is 0, so every advantage is 0 and the LoRA never "
                             f"changes; give at least one reward a weight other than 0 (-{MAX_REWARD_WEIGHT:g} .. "
                             f"{MAX_REWARD_WEIGHT:g})")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
             raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {_short(self.eval_seeds)}")
+        from .export_formats import unloadable_formats
+
+        for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
+            raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
+                            f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
         from .provenance import check_header_size
 
         check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1

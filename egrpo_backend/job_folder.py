@@ -251,7 +251,7 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
 
 
 def request_cancel(job_dir) -> bool:
-    """Ask the job's running process to stop after its current iteration (it writes a usable LoRA).
+    """Ask the job's running process to stop at its next safe point between phases (it writes a usable LoRA).
 
     Refused when no process runs the job (job_process.py): a request left behind would stop the next
     run after one iteration. SIGTERM goes only to a process provably the job's (Linux); the `cancel`

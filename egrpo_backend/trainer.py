@@ -49,6 +49,11 @@ def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int
     return base_lr * (1 - progress)
 
 
+class IterationAbandoned(Exception):
+    """A stop asked for at a safe point inside an iteration (between rollout, reward and update): the
+    iteration's partial work is dropped and the state is the last finished iteration's, checkpointable."""
+
+
 @dataclass
 class TrainerState:
     iteration: int = 0  # iterations completed
@@ -106,6 +111,8 @@ class Trainer:
         self.state = TrainerState()
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
         self.nft = NFTUpdate(self) if self.algo.loss == "nft" else None  # DiffusionNFT's iteration and old policy
+        self.stop_requested = lambda: False  # asked at each safe point between phases (jobs.py: a graceful cancel)
+        self._at_start = None
 
     # --- data ----------------------------------------------------------------------------------
     def next_prompts(self) -> tuple[list[str], list[int]]:
@@ -129,6 +136,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg.lr, self.cfg.iterations, self.cfg.lr_schedule, self.cfg.warmup_iterations)
         phases = PhaseTimer(self.policy.device)
+        self._at_start = (self.state.cursor, torch.get_rng_state())  # what a safe point restores when it stops
         if self.nft:  # DiffusionNFT: ODE rollouts of the old policy, the negative-aware loss (nft_update.py)
             return self.nft.step(it, phases)
 
@@ -141,8 +149,10 @@ class Trainer:
                          group_size=algo.group_size, granularities=algo.granularities, sde_window=algo.sde_window,
                          shared_initial_noise=algo.shared_initial_noise, granularity_grid=algo.granularity_grid,
                          window_last_step=self.plan.active[-1] if algo.window_within_active else None)
+        self.safe_point()
         # 2. Score: decode and reward in bounded chunks -> [NG, n_gran, G].
         scores = self.score(ro, prompts, phases)
+        self.safe_point()
         # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].
         per_reward = algo.reward_mode == "per_reward" and len(scores.components) > 1
         adv = advantages(scores.rewards, advantage=algo.advantage, clip=algo.advantage_clip, group_prompt=ro.group_prompt,
@@ -156,6 +166,14 @@ class Trainer:
         metrics = self._metrics(self._gathered(scores), distributed.all_concat(adv), starts, rollout_nfe, upd, phases)
         self.state.history.append(metrics)
         return StepResult(metrics, scores.images, prompts)
+
+    def safe_point(self) -> None:
+        """Between two phases: when a stop is requested, drop this iteration (nothing was updated yet:
+        the prompt cursor and RNG go back to its start) and raise IterationAbandoned."""
+        if self.stop_requested():
+            self.state.cursor, rng = self._at_start
+            torch.set_rng_state(rng)
+            raise IterationAbandoned(f"stopped between phases of iteration {self.state.iteration + 1}")
 
     def score(self, ro: Rollout, prompts: list[str], phases: PhaseTimer) -> Scores:
         """Decode and reward every member's clean latents, at most train.decode_batch images of ONE

@@ -21,10 +21,15 @@ def load_default_policy(device: torch.device | str = "cpu") -> DiffusersPolicy:
 
 def default_job_inputs() -> dict:
     """Training prompts, held-out (prompt, seed) pairs, the diversity grouping (by named digit), the
-    drift measure (distance to the nearest real held-out digit) and the prompt rule: the model draws
-    the one digit a prompt names, so a prompt naming none (or several) is refused before any is encoded."""
+    drift measure (distance to the nearest real held-out digit), its LoRA targets: the attention
+    projections it was measured with (README, docs/baselines.md), not the attention + MLP default of
+    FLUX / SD3 (docs/lora_formats.md), and the prompt rule: the model draws the one digit a prompt
+    names, so a prompt naming none (or several) is refused before any is encoded."""
     from .digits import digit_of_prompt, heldout_eval_set, train_prompts
     from .metrics import nearest_real_distance
 
     return {"prompts": train_prompts(), "eval_pairs": heldout_eval_set(), "group_key": digit_of_prompt,
-            "drift_fn": nearest_real_distance, "prompt_rule": digit_of_prompt}
+            "drift_fn": nearest_real_distance, "lora_targets": DIGITS_LORA_TARGETS, "prompt_rule": digit_of_prompt}
+
+
+DIGITS_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]

@@ -47,7 +47,8 @@ def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cach
 
         return load_diffusers_policy(model_spec.path, model_spec.family, device, dtype, gradient_checkpointing=ckpt,
                                      weight_dtype=resolve_storage_dtype(model_spec.weight_dtype, dtype),
-                                     cond_cache=cond_cache)
+                                     cond_cache=cond_cache, offload_blocks=model_spec.offload_blocks,
+                                     width=model_spec.width, height=model_spec.height)
     if model_spec.source == "comfy":
         from .comfy_policy import load_comfy_policy  # imports ComfyUI: only ever inside a job's child process
 

@@ -34,6 +34,7 @@ import torch
 
 from .. import lora as lora_lib
 from ..dtypes import STORAGE_DTYPES
+from . import block_swap
 from .base import lora_disabled
 
 TILE_ABOVE_PX = 1024  # decode images larger than this (either side) with the VAE's decode_tiled
@@ -209,7 +210,7 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
     else:
         patcher = comfy.sd.load_diffusion_model(path, model_options=options)
     base = patcher.model
-    base.to(device=device)  # storage dtype kept: never .to(dtype=...), which would upcast an fp8 file
+    block_swap.place(base, device, model_spec.offload_blocks)  # = base.to(device), but the last N blocks on the host (storage dtype kept)
     base.requires_grad_(False)
     base.eval()
     if cast_per_layer(base.diffusion_model, dtype):

@@ -2,6 +2,8 @@
 
 images: float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; prompts: list of B strings.
 Scores are float32 on the CPU, one per image, higher is better. Rewards never need gradients.
+Videos [B, F, C, H, W] are scored through frames.score_frames (WeightedRewards does), by the frames
+a reward's option `frames` picks.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+_MIN_FRAMES: dict[str, int] = {}  # video rewards: the frames per clip they need (image rewards: 1)
 
 
-def register_reward(name: str):
-    """Decorator: make a reward factory buildable by name from a job spec or a node."""
+def register_reward(name: str, min_frames: int = 1):
+    """Decorator: make a reward factory buildable by name from a job spec or a node. min_frames > 1
+    marks a video reward: it gets whole clips [B, F, C, H, W] of at least that many frames."""
 
     def wrap(factory):
         if name in _REGISTRY:
             raise ValueError(f"reward {name!r} registered twice")
         _REGISTRY[name] = factory
+        _MIN_FRAMES[name] = min_frames
         return factory
 
     return wrap
@@ -38,16 +43,28 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, **options) -> Reward:
-    """Build a registered reward; unknown names raise listing the valid ones."""
+def build_reward(name: str, frames="all", **options) -> Reward:
+    """Build a registered reward; unknown names raise listing the valid ones. `frames` ("all" or k) and
+    the registered min_frames ride on the reward: frames.score_frames reads them to score videos."""
+    from .frames import check_frames
+
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
     check_memory_options(name, options)  # before the factory loads a model for nothing
+    check_frames(name, frames)
     try:
-        return _REGISTRY[name](**options)
+        reward = _REGISTRY[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
+    reward.frames, reward.min_frames = frames, _MIN_FRAMES[name]
+    return reward
+
+
+def reward_min_frames(name: str) -> int:
+    """Frames per clip a registered reward needs: 1 for image rewards, more for video rewards."""
+    _load_builtin()
+    return _MIN_FRAMES.get(name, 1)
 
 
 def check_memory_options(name: str, options: dict) -> None:
@@ -70,7 +87,7 @@ def reward_options(name: str) -> list[str]:
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    return list(inspect.signature(_REGISTRY[name]).parameters)
+    return [*inspect.signature(_REGISTRY[name]).parameters, "frames"]  # frames: every reward (build_reward)
 
 
 def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -89,7 +106,7 @@ def check_scores(scores: torch.Tensor, batch: int, name: str) -> torch.Tensor:
 
 def _load_builtin() -> None:
     # Importing the modules registers their rewards; model-based rewards import lazily inside.
-    from . import combine, jpeg  # noqa: F401
+    from . import combine, jpeg, temporal  # noqa: F401
 
     try:
         from . import models  # noqa: F401  (model-based rewards, if present)
