@@ -397,7 +397,7 @@ def markdown(rows: list[dict]) -> str:
     lines += ["", "All cells are estimates (bench/memory_estimate.py; method in the section above). Peak GiB in "
               "parentheses; batches: train.rollout_batch, train.micro_batch, train.decode_batch; G 8, reward batch 8, LoRA rank 8, gradient checkpointing on, fp8 "
               "weights. * = the text encoders do not fit beside the transformer on this card: encode the prompts "
-              "where they fit (the cond cache file carries them over) or on the CPU."]
+              "where they fit (the job's `conds/` folder carries them over) or on the CPU."]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,7 @@ class SpecError(ValueError):
 
 # Upper bounds: far above any real run, low enough that a typo cannot ask for an endless job.
 MAX_ITERATIONS = 1_000_000
-MAX_PROMPTS = 100_000  # prompts in a list or file (each is encoded once before training)
+MAX_PROMPTS = 100_000  # prompts in an inline list; a prompt file (prompt_sets.py) has no limit
 MAX_PROMPTS_PER_ITERATION = 4096
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_THREADS = 1024
@@ -358,6 +358,8 @@ class TrainSpec:
     drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
     parallel: str = "ddp"  # multi-rank gradient averaging: ddp (LoRA replicated) | fsdp (FSDP2, frozen base sharded); see docs/scale_out.md
     dist_timeout: float = 300.0  # seconds a collective may wait before the process group fails (no hang when a rank dies)
+    cond_cache_gb: float = 20.0  # encoded prompts kept on disk in the job folder (conds/), least recently used dropped first; 0 = none
+    cond_memory_gb: float = 2.0  # encoded prompts kept in memory (LRU); prompts are encoded ahead in chunks (docs/prompts.md)
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
@@ -382,6 +384,8 @@ class TrainSpec:
             _range("train.drift_guard", self.drift_guard, 1, 100)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _range("train.dist_timeout", self.dist_timeout, 0, 86400, lo_open=True)
+        _range("train.cond_cache_gb", self.cond_cache_gb, 0, 1e6)
+        _range("train.cond_memory_gb", self.cond_memory_gb, 0, 1e4, lo_open=True)
         # ASCII digits only: str.isdigit() accepts '٣' and '³', which torch.device cannot parse.
         index = _DEVICE_INDEX.match(self.device)
         if not (self.device in ("auto", "cpu", "cuda") or (index and int(index.group(1)) <= MAX_DEVICE_INDEX)):
@@ -421,30 +425,11 @@ class OutputSpec:
             _choice("output.formats[]", f, FORMATS)
 
 
-def _read_prompt_file(path: Path, key: str):
-    """A .json file holds a list of prompts (a job folder's prompts-<sha256>.json); any other file has one
-    prompt per line ('#' starts a comment line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{key}.file {path} is not UTF-8 text (byte {e.start} cannot be decoded); give a text file "
-                        "with one prompt per line") from None
-    except OSError as e:
-        raise SpecError(f"{key}.file {path} cannot be read ({e.strerror or e})") from None
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{key}.file {path} is not valid JSON ({e}); a .json prompt file holds a list of strings") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    return [p for p in lines if p and not p.startswith("#")]
-
-
 @dataclass
 class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
-    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (one per line)
-    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms); [] = none (or the model's own set)
+    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (a .txt / .jsonl / .csv file or folder, docs/prompts.md)
+    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms, e.g. {"file": "hpdv2", "split": "test"}); [] = none (or the model's own set)
     eval_seeds: list = field(default_factory=list)  # seeds for held-out sampling; [] = 10000..10009
     rewards: list = field(default_factory=lambda: [{"name": "jpeg_compressibility", "weight": 1.0}])  # [{"name", "weight", ...options}]
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
@@ -466,9 +451,9 @@ class JobSpec:
         if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
             raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
                             "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
-        self.prompt_list()  # resolves and checks the prompt file
+        self.prompt_set()  # resolves, indexes and checks the prompt file (streamed)
         if self.eval_prompts:
-            self.prompt_list(eval=True)
+            self.prompt_set(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
         from .rewards import frames as reward_frames
@@ -508,38 +493,20 @@ class JobSpec:
         check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1
         return self
 
-    def prompt_list(self, eval: bool = False) -> list[str]:
-        value = self.eval_prompts if eval else self.prompts
+    def prompt_set(self, eval: bool = False):
+        """The training (or held-out) prompts as a sequence: an inline list, or a file / folder read as a
+        stream through its index (prompt_sets.py); len() and [i] without holding the set."""
+        from .prompt_sets import open_prompts
+
         key = "eval_prompts" if eval else "prompts"
-        if isinstance(value, dict):
-            if set(value) != {"file"}:
-                raise SpecError(f"{key} as an object takes only the key 'file', got {sorted(value)}")
-            if not isinstance(value["file"], str) or not value["file"]:
-                raise SpecError(f"{key}.file must be the path of a .txt file (a string), got {_short(value['file'])}")
-            path = Path(value["file"])
-            if not path.is_absolute() and self.base_dir:
-                path = Path(self.base_dir) / path
-            if not path.is_file():
-                raise SpecError(f"{key}.file: prompt file not found: {path} (give a .txt file with one prompt per line)")
-            value = _read_prompt_file(path, key)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            raise SpecError(f"{key} must be a list of strings or {{'file': 'prompts.txt'}}")
-        if len(value) > MAX_PROMPTS:
-            raise SpecError(f"{key} has {len(value)} prompts; at most {MAX_PROMPTS} are allowed (split the run)")
-        value = [p.strip() for p in value]
-        long = next((i for i, p in enumerate(value) if len(p) > MAX_PROMPT_CHARS), None)
-        if long is not None:
-            raise SpecError(f"{key}[{long}] is {len(value[long])} characters long; at most {MAX_PROMPT_CHARS} are allowed")
-        bad = next((i for i, p in enumerate(value) if _text_problem(p)), None)
-        if bad is not None:
-            raise SpecError(f"{key}[{bad}] {_text_problem(value[bad])}")
-        if not eval and not value and self.model.source != "default":
+        value = open_prompts(self.eval_prompts if eval else self.prompts, key, self.base_dir)
+        if not eval and not len(value) and self.model.source != "default":
             raise SpecError(f"{key} is empty; give at least one prompt (the embedded default has its own prompt set)")
-        if any(not p for p in value):
-            raise SpecError(f"{key} contains an empty prompt; remove empty entries")
         return value
+
+    def prompt_list(self, eval: bool = False) -> list[str]:
+        """Every prompt in memory: for held-out sets and small lists (training reads prompt_set)."""
+        return list(self.prompt_set(eval))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

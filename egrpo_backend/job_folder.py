@@ -212,6 +212,16 @@ def _store_prompts(job_dir: Path, prompts: list[str]):
     return {"file": name}
 
 
+def _job_prompts(job_dir: Path, spec: JobSpec, value, prompts):
+    """An inline list is stored once in the job folder and referred to by hash; a prompt file or folder
+    (docs/prompts.md) stays where it is, recorded by absolute path, sha256 and count (checked at every start)."""
+    from .prompt_sets import PromptSet, recorded
+
+    if isinstance(prompts, PromptSet):
+        return recorded(value, prompts, spec.base_dir)
+    return _store_prompts(job_dir, list(prompts))
+
+
 def create_job(spec: JobSpec | dict, job_dir) -> Path:
     """Validate the spec and write job.json into a new (or empty) directory."""
     job_dir = Path(job_dir)
@@ -221,7 +231,7 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
         raise FileExistsError(f"{job_dir} already holds a job; use `resume {job_dir}` or choose another --out")
     from .preflight import preflight
 
-    preflight(spec)  # device, model files, copy_to, prompt rules, reward files: all before the folder exists
+    preflight(spec)  # device, model files, copy_to, prompt rules (streamed), reward files: before the folder exists
     made = not job_dir.exists()
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -235,14 +245,14 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
     data = {}
     try:
         data = spec.to_dict()
-        # Prompts (a list, or a file read once here) are stored once in the job folder and referred to by hash.
-        data["prompts"] = _store_prompts(job_dir, spec.prompt_list())
-        data["eval_prompts"] = _store_prompts(job_dir, spec.prompt_list(eval=True) if spec.eval_prompts else [])
+        data["prompts"] = _job_prompts(job_dir, spec, spec.prompts, spec.prompt_set())
+        data["eval_prompts"] = _job_prompts(job_dir, spec, spec.eval_prompts, spec.prompt_set(eval=True) if spec.eval_prompts else [])
         atomic_write_json(job_dir / "job.json", data)
         write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
     except BaseException:  # a full disk half way: no job folder that cannot run
-        for name in ("job.json", "status.json", *(d["file"] for d in (data.get("prompts"), data.get("eval_prompts"))
-                                                   if isinstance(d, dict))):
+        stored = [d["file"] for d in (data.get("prompts"), data.get("eval_prompts"))  # never a user's prompt file
+                  if isinstance(d, dict) and PROMPTS_FILE.match(str(d.get("file", "")))]
+        for name in ("job.json", "status.json", *stored):
             (job_dir / name).unlink(missing_ok=True)
         if made:
             shutil.rmtree(job_dir, ignore_errors=True)

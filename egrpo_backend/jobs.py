@@ -1,8 +1,10 @@
 """Training jobs as directories: run, resume, export (job_folder.py: create, status, events, cancel).
 
 A job directory holds
-  job.json          the full spec (JobSpec.to_dict()), its prompt lists as {"file": "prompts-<sha256>.json"}
-  prompts-<sha256>.json  a prompt list (JSON), stored once; the sha256 is the one LoRA headers name
+  job.json          the full spec (JobSpec.to_dict()), its inline prompt lists as {"file": "prompts-<sha256>.json"},
+                    its prompt files as {"file": ABSOLUTE PATH, "sha256", "count"} (docs/prompts.md)
+  prompts-<sha256>.json  an inline prompt list (JSON), stored once; the sha256 is the one LoRA headers name
+  conds/            encoded prompts, at most train.cond_cache_gb, least recently used dropped first
   status.json       {"status", "iteration", "total", "pid", "updated", "message", "lora"}
   events.jsonl      one JSON object per line (see EVENT TYPES below), appended and flushed
   checkpoints/      iter_NNNNNN/{lora.safetensors, state.pt} + latest.json (checkpoint.py)
@@ -13,8 +15,10 @@ A job directory holds
 
 EVENT TYPES (every event has "type" and "time"):
   start       iteration, total, resumed, plan (the plan's JSON), device, family (the model's, or "auto")
+  encode      iteration, done, total (prompts of this chunk), set_size, encoded (so far in this run),
+              seconds: prompts encoded ahead of use, apart from training (encode_progress.py)
   metrics     iteration, total, reward_mean, reward_std, adv_*, ratio_*, clip_frac, grad_norm, nfe,
-              nfe_update, nfe_total, seconds, phases {rollout|decode|reward|update: seconds,
+              nfe_update, nfe_total, seconds, phases {encode|rollout|decode|reward|update: seconds,
               peak_mem_gb}, loss, lr, eta_seconds; with algorithm.loss "nft" instead of ratio_*, clip_frac
               and loss: nft_loss, r_mean, positive_loss, negative_loss, old_policy_decay (nft_update.py)
   eval        iteration, reward_mean, reward_ci [lo, hi], diversity and drift (when measurable)
@@ -52,6 +56,7 @@ from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, re
                          save_checkpoint)
 from .config import JobSpec, SpecError
 from .before_after import BeforeAfter
+from .encode_progress import EncodeProgress
 from .evaluation import HeldOut
 from .export_formats import spec_family, spec_naming
 from .guard import HackingGuard
@@ -164,6 +169,7 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     if writer:
         clean_leftovers(job_dir)
     trainer = build_trainer(spec, job_dir=job_dir)
+    trainer.on_encode = EncodeProgress(events, trainer, progress)
     if writer:
         trainer.plan.save_png(job_dir / "plan.png")
     ckpt = latest_checkpoint(job_dir)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 from .config import JobSpec, SpecError
+from .prompt_rules import check_prompt_rules
 
 
 def preflight(spec: JobSpec, *, check_model_files: bool = True) -> None:
@@ -23,7 +23,7 @@ def preflight(spec: JobSpec, *, check_model_files: bool = True) -> None:
     if check_model_files:
         check_model(spec)
     check_copy_to(spec)
-    check_prompt_rules(spec)
+    check_prompt_rules(spec)  # prompt_rules.py: every prompt of the set, streamed, before any is encoded
     check_reward_files(spec.rewards)
 
 
@@ -89,42 +89,6 @@ def check_copy_to(spec: JobSpec) -> None:
     target = folder / f"{spec.output.name}.safetensors"
     if target.exists() and not target.is_file():
         raise SpecError(f"output.copy_to: {target} exists and is not a plain file; remove it or choose another folder")
-
-
-def prompt_rules(spec: JobSpec) -> list[tuple[str, object]]:
-    """(who, rule) for every rule the job's prompts must pass: the model's own and each reward's."""
-    from .policies import source_defaults
-    from .rewards.base import reward_prompt_rule
-
-    rules = []
-    model_rule = source_defaults(spec.model).get("prompt_rule")
-    if model_rule is not None:
-        rules.append((f"the model of model.source = {spec.model.source!r}", model_rule))
-    for i, r in enumerate(spec.rewards):
-        rule = reward_prompt_rule(r["name"])
-        if rule is not None and rule not in [x for _, x in rules]:
-            rules.append((f"the reward rewards[{i}] = {r['name']!r}", rule))
-    return rules
-
-
-def check_prompt_rules(spec: JobSpec, prompts: Iterable[str] | None = None,
-                       eval_prompts: Iterable[str] | None = None) -> None:
-    """Every training and held-out prompt passes every rule, before any prompt is encoded. The prompts
-    may be a stream (any iterable): each is looked at once, and the first one refused stops it."""
-    rules = prompt_rules(spec)
-    if not rules:
-        return
-    if prompts is None:
-        prompts = spec.prompt_list()
-    if eval_prompts is None:
-        eval_prompts = spec.prompt_list(eval=True) if spec.eval_prompts else []
-    for key, stream in (("prompts", prompts), ("eval_prompts", eval_prompts)):
-        for i, p in enumerate(stream):
-            for who, rule in rules:
-                try:
-                    rule(p)
-                except ValueError as e:
-                    raise SpecError(f"{key}[{i}]: {e} ({who} reads it from the prompt)") from None
 
 
 def check_reward_files(rewards: list[dict]) -> None:

@@ -37,8 +37,8 @@ def _strip_paths(value, where=()):
 
 def shareable_spec(spec: JobSpec) -> dict:
     """The spec as a LoRA header may carry it: prompts as digests, file names instead of paths."""
-    prompts = prompt_digest(spec.prompt_list())
-    evals = prompt_digest(spec.prompt_list(eval=True)) if spec.eval_prompts else prompt_digest([])
+    prompts = spec.prompt_set().digest()  # a set file: the sha256 of its bytes (docs/prompts.md)
+    evals = spec.prompt_set(eval=True).digest() if spec.eval_prompts else prompt_digest([])
     data = _header_spec(spec, prompts, evals)
     _refuse_large_header(data)
     return data

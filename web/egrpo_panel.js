@@ -8,7 +8,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const state = { jobs: [], selected: null, compare: null, metrics: {}, root: null };
+const state = { jobs: [], selected: null, compare: null, metrics: {}, root: null, encoding: {} };  // encoding: job -> its latest "encode" event
 const EMA_ALPHA = 0.3; // weight of the newest point in the smoothed reward curve
 const COLORS = { train: "#4e9af1", eval: "#f1a94e", compare: "#b07ff0", compareEval: "#e07fb0",
   parts: ["#6fd08c", "#e8d45b", "#e0726c", "#58c4d6", "#c38be6"], phases: { rollout: "#4e9af1", decode: "#8c8cf0",
@@ -376,6 +376,8 @@ function jobPage(job) {
       el("span", {}, `${job.iteration}/${job.total} it`),
       job.reward_mean != null ? el("span", {}, `reward ${fmtNum(job.reward_mean)}`) : null,
       job.status === "running" ? el("span", { class: "egrpo-page-eta" }, fmtEta(job)) : null),
+    job.status === "running" && state.encoding[job.id] ? el("div", { class: "egrpo-encoding", style: { fontSize: "11px", opacity: 0.8 } },
+      `encoding prompts ${state.encoding[job.id].done}/${state.encoding[job.id].total} (of ${state.encoding[job.id].set_size})`) : null,
     picker ? el("div", { style: { display: "flex", justifyContent: "flex-end", margin: "2px 0" } }, picker) : null,
     job.message ? el("div", { class: "egrpo-message", style: { fontSize: "11px", color: ["failed", "damaged"].includes(job.status)
       ? css("--error-text", "#f66") : css("--descrip-text", "#aaa") } }, job.message) : null,
@@ -417,7 +419,9 @@ app.registerExtension({
   name: "egrpo.panel",
   async setup() {
     api.addEventListener("egrpo.event", ({ detail }) => {
-      if (detail.type === "done") {
+      if (detail.type === "encode") {  // prompts encoded ahead of training (docs/prompts.md); gone when the chunk ends
+        if (detail.done < detail.total) state.encoding[detail.job] = detail; else delete state.encoding[detail.job];
+      } else if (detail.type === "done") {
         toast(detail.status === "finished" ? "success" : "info", `E-GRPO job ${detail.status}`,
           `${detail.job}${detail.lora ? "" : " (no LoRA)"}`);
       } else if (detail.type === "error") {

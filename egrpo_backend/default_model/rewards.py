@@ -48,6 +48,3 @@ class DigitProbability:
 def digit_probability() -> DigitProbability:
     """p(named digit) for the embedded digits model (classifier built at first use, then cached)."""
     return DigitProbability()
-
-
-digit_probability.prompt_rule = digit_of_prompt  # checked on every prompt before a job exists (preflight.py)

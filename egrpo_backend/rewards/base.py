@@ -126,9 +126,3 @@ def reward_factory(name: str):
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
-
-
-def reward_prompt_rule(name: str):
-    """The check a reward runs on each prompt (ValueError when it cannot score it), or None: a factory
-    declares it as its `prompt_rule` attribute, so a job checks every prompt before encoding any."""
-    return getattr(reward_factory(name), "prompt_rule", None)
