@@ -67,13 +67,31 @@ class ComfySpec:
     kind: str = "diffusion_model"  # what model.path is: diffusion_model (UNETLoader file) | checkpoint (all-in-one file)
     vae: str = ""  # VAE file (or the checkpoint itself); "" = no VAE, images are a latent preview (tests only)
     cond_cache: str = ""  # safetensors of the prompts' conds, encoded once by the node in ComfyUI's process
-    guidance: float = 3.5  # distilled guidance input (FLUX.1-dev); ignored by models without one
+    guidance: float = -1.0  # < 0: as the graph samples (the conds' own, e.g. FluxGuidance, else the model's default); >= 0: set on every prompt, as FluxGuidance does
     width: int = 512  # rollout image width in pixels
     height: int = 512  # rollout image height in pixels
+    length: int = 1  # video models: pixel frames, as ComfyUI's empty video latent nodes take it; 1 for image models
+    loras: list = field(default_factory=list)  # LoRAs patched onto the MODEL before the Train node: [{"name": file in loras, "strength"}], trained on top
+    lora_dirs: list = field(default_factory=list)  # ComfyUI's loras folders, where those names are looked up (never outside them)
+    model_sampling: dict = field(default_factory=dict)  # a ModelSampling* patch on the MODEL: {"kind": discrete_flow | flux, "shift", "multiplier"}; {} = the model's own
 
     def validate(self) -> None:
         _choice("model.comfy.kind", self.kind, COMFY_KINDS)
-        _range("model.comfy.guidance", self.guidance, 0, 1000)
+        _range("model.comfy.guidance", self.guidance, -1, 1000)
+        _range("model.comfy.length", self.length, 1, 10_000)
+        if not isinstance(self.length, int):
+            raise SpecError(f"model.comfy.length = {self.length!r} must be a whole number of frames (1 for image models)")
+        for i, entry in enumerate(self.loras):
+            if not isinstance(entry, dict) or set(entry) != {"name", "strength"} or not isinstance(entry["name"], str):
+                raise SpecError(f"model.comfy.loras[{i}] = {entry!r} must be {{\"name\": file in loras, \"strength\": number}}")
+            _range(f"model.comfy.loras[{i}].strength", entry["strength"], -100, 100)
+        if self.model_sampling:
+            ms = self.model_sampling
+            if set(ms) - {"kind", "shift", "multiplier"} or ms.get("kind") not in ("discrete_flow", "flux"):
+                raise SpecError(f"model.comfy.model_sampling = {ms!r}: expected {{\"kind\": \"discrete_flow\" | "
+                                "\"flux\", \"shift\": number, \"multiplier\": number}")
+            _range("model.comfy.model_sampling.shift", ms.get("shift"), -100, 100)
+            _range("model.comfy.model_sampling.multiplier", ms.get("multiplier", 1000.0), 0, lo_open=True)
         for key in ("width", "height"):
             value = getattr(self, key)
             _range(f"model.comfy.{key}", value, 64, 4096)

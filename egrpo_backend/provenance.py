@@ -17,7 +17,11 @@ from .config import JobSpec
 HEADER_LIMIT_BYTES = 32 * 1024  # the spec without prompt lists is a few KB; refuse anything odd rather than bloat headers
 # What each diffusers family / source is called in the modelspec convention (architecture "<name>/lora").
 BASE_MODEL_NAMES = {"default": "egrpo-digits-16px", "flux": "flux-1", "sd3": "stable-diffusion-v3", "sana": "sana"}
-_PRIVATE_KEYS = {("model", "comfy", "comfy_root"), ("model", "comfy", "cond_cache"), ("output", "copy_to")}
+_PRIVATE_KEYS = {("model", "comfy", "comfy_root"), ("model", "comfy", "cond_cache"), ("model", "comfy", "lora_dirs"),
+                 ("output", "copy_to")}
+# Names relative to a ComfyUI models folder (never absolute: the node writes them, comfy_graph refuses others):
+# kept whole, so the header says which LoRA stack (sub-folders included) the training stacked on.
+_RELATIVE_KEYS = {("model", "comfy", "loras", "name")}
 
 
 def prompt_digest(prompts: list[str]) -> dict:
@@ -30,6 +34,8 @@ def _strip_paths(value, where=()):
         return {k: _strip_paths(v, (*where, k)) for k, v in value.items() if (*where, k) not in _PRIVATE_KEYS}
     if isinstance(value, list):
         return [_strip_paths(v, where) for v in value]
+    if isinstance(value, str) and where in _RELATIVE_KEYS and not os.path.isabs(value) and ".." not in value.split("/"):
+        return value
     if isinstance(value, str) and (os.path.isabs(value) or os.sep in value or "/" in value):
         return os.path.basename(value.rstrip("/" + os.sep))  # a file name says which model; a path says whose disk
     return value

@@ -16,6 +16,8 @@ NODE_KEYS = {
     "model.source": "source", "model.path": "model", "model.comfy.comfy_root": "model",
     "model.comfy.kind": "model", "model.comfy.vae": "vae (or vae_name)", "model.comfy.cond_cache": "clip",
     "model.comfy.guidance": "guidance", "model.comfy.width": "width", "model.comfy.height": "height",
+    "model.comfy.length": "length", "model.comfy.loras": "model", "model.comfy.lora_dirs": "model",
+    "model.comfy.model_sampling": "model",
     "prompts": "prompts", "rewards": "reward", "algorithm.preset": "preset", "algorithm.steps": "steps",
     "algorithm.shift": "shift", "algorithm.eta": "eta", "algorithm.tau": "tau", "algorithm.active": "active",
     "algorithm.group_size": "group_size", "algorithm.clip_range": "clip_range", "lora.rank": "lora_rank",

@@ -49,19 +49,20 @@ print(json.dumps({"same_velocity": same_v, "same_grads": same_g, "grads": sum(g 
 
 
 def test_comfy_flux_block_swap_is_exact(tmp_path):
+    import sys
+
     import torch
-    from safetensors.torch import save_file
 
     model_path = tmp_path / "tiny_flux.safetensors"
     made = run_comfy_python(_MAKE_TINY_FLUX, COMFY, model_path, json.dumps(TINY_FLUX_CONFIG))
     assert made.returncode == 0, made.stderr[-3000:]
     g = torch.Generator().manual_seed(0)
     prompts = ["a red cube", "a blue ball"]
-    conds = {}
-    for i, _ in enumerate(prompts):
-        conds[f"cond.{i}"] = torch.randn(1, 5, 32, generator=g)
-        conds[f"pooled.{i}"] = torch.randn(1, 32, generator=g)
-    save_file(conds, str(tmp_path / "conds.safetensors"), metadata={"prompts": json.dumps(prompts)})
+    sys.path.insert(0, str(REPO))
+    from egrpo_backend.policies.comfy_conds import write_comfy_conds  # the Train node's cond cache format
+
+    write_comfy_conds({p: [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+                       for p in prompts}, tmp_path / "conds.safetensors")
     run = run_comfy_python(_SWAP_CHECK, REPO, model_path, tmp_path / "conds.safetensors", COMFY)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
