@@ -6,9 +6,12 @@ CPU between scores); random conds of a real prompt's shapes in place of the text
 configuration (model, preset, resolution) runs `--iterations` E-GRPO iterations through the real
 Trainer (egrpo_backend.build.build_trainer) and records, per phase (rollout, decode, reward, update),
 seconds and peak device memory, plus seconds per iteration, NFE per second, the first-step ratio
-deviation, and the overhead ratio wall / (NFE x one forward's time per sample at that resolution).
-The update's NFE are forward + backward (about 3-4 forwards with gradient checkpointing) but count
-as one, so an overhead ratio near 2 is the floor for E-GRPO, not waste.
+deviation, and the overhead ratio: wall time over the pure model cost of the iteration's own calls,
+where every sample through a no-grad forward costs one measured forward (per sample, at the rollout
+batch) and every sample through a forward with grad (the update) costs its measured forward + backward
+(`update_cost_forwards` forwards: about 3-4 with gradient checkpointing; `overhead_ratio`). Samples are
+counted by wrapping policy.velocity, so reference forwards without grad count as forwards. The old
+accounting, which counted an update sample as one forward, is kept as `overhead_ratio_update_as_one`.
 
     python bench/scale.py                                   # the GPU run: see bench/scale_gpu.sh
     python bench/scale.py --depth 1 --resolutions 128 --group-size 2 --steps 4 --iterations 1   # CPU smoke
@@ -37,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from scale_models import MODELS, RandomConds, available, build_clip_h_reward, build_transformer, build_vae  # noqa: E402
+from scale_models import (  # noqa: E402
+    MODELS, RandomConds, available, build_clip_h_reward, build_transformer, build_vae, tiny_card, tiny_comfy_flux_card)
 
 PRESETS = ("egrpo_fast", "egrpo")
 RESOLUTIONS = (1024, 512)
@@ -66,6 +70,15 @@ def parse_args(argv=None):
     ap.add_argument("--decode-batch", type=int, default=4, help="train.decode_batch (images per VAE decode / reward call)")
     ap.add_argument("--text-tokens", type=int, default=0, help="text cond length (0 = a real prompt's, e.g. 512 for FLUX)")
     ap.add_argument("--budget-seconds", type=float, default=0, help="stop before this much wall time (0 = no limit)")
+    ap.add_argument("--offload-blocks", default="0", help="model.offload_blocks: blocks kept on the host (block swap), or auto")
+    ap.add_argument("--reward-offload", default="on", choices=("on", "off", "auto"),
+                    help="CLIP-H reward between scores: on the host (on), on the device (off), or decided after the "
+                         "first iteration from the measured peaks (auto; egrpo_backend/memory_plan.py)")
+    ap.add_argument("--adapt-decode", action="store_true", help="after the first iteration, raise train.decode_batch "
+                    "to what the measured decode peak allows (memory_plan.chunk_size)")
+    ap.add_argument("--memory-cap-gb", type=float, default=0, help="CUDA: cap this process's device memory at this "
+                    "many GiB (torch.cuda.set_per_process_memory_fraction), to show a configuration fits a smaller card")
+    ap.add_argument("--tiny", action="store_true", help="every model at tiny width and depth 1 (CPU tests of this script)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--comfy-root", default="", help="ComfyUI folder for the comfy configuration")
     ap.add_argument("--comfy-model", default="", help="a diffusion model file (e.g. flux1-dev-fp8.safetensors) for the comfy configuration")
@@ -138,6 +151,53 @@ def forward_seconds(policy, batch: int, repeats: int = 2) -> float:
     return best
 
 
+def update_seconds_per_sample(policy, batch: int, repeats: int = 2) -> float:
+    """Seconds per sample of one forward + backward with grad (the update's call), best of `repeats`."""
+    x = torch.randn(batch, *policy.latent_shape, device=policy.device)
+    sigma = torch.full((batch,), 0.5, device=policy.device)
+    cond = policy.encode([PROMPT] * batch)
+    params = policy.trainable_parameters()
+    best = float("inf")
+    for i in range(repeats + 1):
+        sync(policy.device)
+        t0 = time.perf_counter()
+        policy.velocity(x, sigma, cond).float().square().mean().backward()
+        sync(policy.device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    for p in params:
+        p.grad = None
+    return best / batch
+
+
+def overhead_ratio(seconds: float, samples_no_grad: int, samples_grad: int, forward_per_sample: float,
+                   update_cost_forwards: float) -> float:
+    """Wall time over the pure model cost: a no-grad sample costs one forward, a sample with grad costs
+    `update_cost_forwards` forwards (its measured forward + backward). 1.0 = nothing but model calls."""
+    return seconds / (forward_per_sample * (samples_no_grad + update_cost_forwards * samples_grad))
+
+
+class CallCounter:
+    """Counts samples through policy.velocity with and without grad (installed on the policy instance)."""
+
+    def __init__(self, policy):
+        self.no_grad = self.grad = 0
+        inner = policy.velocity
+
+        def counted(x, sigma, cond):
+            if torch.is_grad_enabled():
+                self.grad += x.shape[0]
+            else:
+                self.no_grad += x.shape[0]
+            return inner(x, sigma, cond)
+        policy.velocity = counted
+
+    def take(self) -> tuple[int, int]:
+        out = (self.no_grad, self.grad)
+        self.no_grad = self.grad = 0
+        return out
+
+
 def predicted_iteration_seconds(trainer, per_sample: float) -> float:
     """One iteration from the measured forward: rollout NFE + 4x the update's (forward, recompute, backward)."""
     from egrpo_backend.algorithms import branch_starts
@@ -159,9 +219,10 @@ def bench_policy(card, args, device, compute, storage, res):
     ckpt = args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda")
     transformer = build_transformer(card, args.depth or None, device, compute, storage)
     latent = (16, res // 8, res // 8)
+    offload = args.offload_blocks if args.offload_blocks == "auto" else int(args.offload_blocks)
     return DiffusersPolicy(transformer, RandomConds(card, compute, args.text_tokens or None), latent, vae=None,
                            family=card.family, device=device, dtype=compute, weight_dtype=storage,
-                           gradient_checkpointing=ckpt)
+                           gradient_checkpointing=ckpt or offload != 0, offload_blocks=offload)
 
 
 def comfy_skip_reason(args) -> str | None:
@@ -184,9 +245,14 @@ def comfy_policy(args, device, compute, res, out_dir: Path):
     from egrpo_backend.policies.comfy_policy import load_comfy_policy
 
     cache = out_dir / "comfy_conds.safetensors"
-    conds = RandomConds(MODELS["flux-dev"], torch.float32, args.text_tokens or None)([PROMPT])
-    atomic_save_safetensors({"cond.0": conds["encoder_hidden_states"][0], "pooled.0": conds["pooled_projections"][0]},
-                            cache, {"prompts": json.dumps([PROMPT])})
+    card = tiny_comfy_flux_card() if args.tiny else MODELS["flux-dev"]
+    prompts = [PROMPT, ""]  # the trainer also encodes the (empty) negative prompt
+    conds = RandomConds(card, torch.float32, args.text_tokens or None)(prompts)
+    tensors = {}
+    for i in range(len(prompts)):  # [1, tokens, dim] per prompt, as the Train node writes them
+        tensors[f"cond.{i}"] = conds["encoder_hidden_states"][i : i + 1]
+        tensors[f"pooled.{i}"] = conds["pooled_projections"][i : i + 1]
+    atomic_save_safetensors(tensors, cache, {"prompts": json.dumps(prompts)})
     spec = ModelSpec(source="comfy", path=args.comfy_model, weight_dtype="auto",
                      comfy=ComfySpec(comfy_root=args.comfy_root, cond_cache=str(cache), width=res, height=res))
     return load_comfy_policy(spec, device, compute, gradient_checkpointing=True)
@@ -210,13 +276,22 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
         card = MODELS["flux-dev"]
     elif not available(card):
         return {**record, "skipped": f"this diffusers has no {card.cls}"}
+    card = tiny_card(card) if args.tiny else card
     t0 = time.perf_counter()
+    if args.memory_cap_gb and device.type == "cuda":  # an allocation past the cap raises out of memory, as on that card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+        record["memory_cap_gb"] = args.memory_cap_gb
     if "vae" not in shared or shared["vae_card"] != card.name:
         shared.pop("vae", None)
         free(device)
         shared["vae"], shared["vae_card"] = build_vae(card, device, compute), card.name
     if "reward" not in shared:
-        shared["reward"] = build_clip_h_reward(device, compute, args.depth or None, offload=device.type == "cuda")
+        shared["reward"] = build_clip_h_reward(device, compute, args.depth or (1 if args.tiny else None),
+                                               offload=device.type == "cuda" and args.reward_offload != "off")
+    if args.reward_offload == "auto" and device.type == "cuda":  # every configuration decides afresh
+        shared["reward"].offload = True
+        shared["reward"].model.to("cpu")
     policy = comfy_policy(args, device, compute, res, out_dir) if model == "comfy" else bench_policy(card, args, device, compute, storage, res)
     if model != "comfy":
         policy.vae = shared["vae"]
@@ -227,12 +302,19 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
     record["params"] = sum(p.numel() for p in base.parameters())
     record["weight_bytes_by_dtype"] = bytes_by_dtype(base)
     record["weights_gb"] = sum(record["weight_bytes_by_dtype"].values()) / 2**30
+    swap = getattr(policy, "block_swap", None)
+    record["offload_blocks"] = len(swap.names) if swap is not None else 0
+    record["host_blocks_gb"] = swap.host_bytes / 2**30 if swap is not None else 0.0
     batch = min(args.rollout_batch, args.group_size)
     per_sample = forward_seconds(policy, batch) / batch
     record.update(forward_batch=batch, forward_seconds_per_sample=per_sample)
     trainer = build_trainer(spec_for(args, card.family, preset, device), policy=policy,
                             reward=WeightedRewards([shared["reward"]], [1.0]))
     record["lora_params"] = sum(p.numel() for p in trainer.policy.trainable_parameters())
+    update_batch = min(args.micro_batch, args.group_size)
+    record["update_seconds_per_sample"] = update_seconds_per_sample(trainer.policy, update_batch)
+    record.update(update_batch=update_batch, update_cost_forwards=record["update_seconds_per_sample"] / per_sample)
+    calls = CallCounter(trainer.policy)
     if device.type == "cuda":
         record["device_allocated_gb_before_training"] = torch.cuda.memory_allocated(device) / 2**30
     predicted = predicted_iteration_seconds(trainer, per_sample)
@@ -244,9 +326,15 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
             record["stopped"] = f"budget: iteration {i + 1} needs ~{need:.0f} s, {deadline - time.perf_counter():.0f} s left"
             break
         t_it = time.perf_counter()
+        calls.take()
         metrics = trainer.step().metrics
         sync(device)
+        no_grad, grad = calls.take()
+        if i == 0 and device.type == "cuda":
+            record["adapted"] = adapt_memory(args, trainer, shared["reward"], metrics["phases"], device,
+                                             record["device_allocated_gb_before_training"])
         iterations.append({"seconds": time.perf_counter() - t_it, "nfe": metrics["nfe"] + metrics["nfe_update"],
+                           "samples_no_grad": no_grad, "samples_grad": grad,
                            "nfe_rollout": metrics["nfe"], "nfe_update": metrics["nfe_update"],
                            "ratio_first_dev": metrics["ratio_first_dev"], "clip_frac": metrics["clip_frac"],
                            "reward_mean": metrics["reward_mean"], "phases": metrics["phases"]})
@@ -255,14 +343,39 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
                   f"{k} {v['seconds']:.1f}s/{_gb(v['peak_mem_gb'])}" for k, v in metrics["phases"].items()), flush=True)
     del trainer, policy, base
     free(device)
-    return {**record, **summarise(iterations, per_sample)}
+    return {**record, **summarise(iterations, per_sample, record["update_cost_forwards"])}
+
+
+def adapt_memory(args, trainer, reward, phases: dict, device, resident_gb: float) -> dict:
+    """After the first iteration: keep the reward on the device if it fits beside the other phases' peaks
+    (--reward-offload auto), and raise the decode chunk to what the measured decode peak allows
+    (--adapt-decode). egrpo_backend/memory_plan.py decides from the measured bytes."""
+    from egrpo_backend.memory_plan import chunk_size, reward_stays_on_device
+
+    gib, out = 2**30, {}
+    total = int(args.memory_cap_gb * gib) if args.memory_cap_gb else torch.cuda.get_device_properties(device).total_memory
+    peak = {k: (v["peak_mem_gb"] or 0.0) * gib for k, v in phases.items()}
+    if args.reward_offload == "auto" and reward.offload:
+        reward_bytes = sum(p.numel() * p.element_size() for p in reward.model.parameters())
+        other = max(v for k, v in peak.items() if k != "reward")
+        if reward_stays_on_device(reward_bytes, total, int(other)):
+            reward.offload = False
+            reward.model.to(reward.device)
+        out["reward_on_device"] = not reward.offload
+    if args.adapt_decode and "decode" in peak:
+        current = trainer.cfg.decode_batch
+        per_image = (peak["decode"] - resident_gb * gib) / current
+        limit = trainer.algo.group_size * len(trainer.algo.granularities)
+        trainer.cfg.decode_batch = chunk_size(per_image, resident_gb * gib, total, current, limit)
+        out["decode_batch"] = trainer.cfg.decode_batch
+    return out
 
 
 def _gb(x) -> str:
     return "-" if x is None else f"{x:.1f}GB"
 
 
-def summarise(iterations: list[dict], per_sample: float) -> dict:
+def summarise(iterations: list[dict], per_sample: float, update_cost_forwards: float = 1.0) -> dict:
     if not iterations:
         return {"iterations_done": 0}
     seconds = sum(it["seconds"] for it in iterations)
@@ -275,7 +388,9 @@ def summarise(iterations: list[dict], per_sample: float) -> dict:
                         "peak_mem_gb": max(peaks) if peaks else None}
     return {"iterations_done": len(iterations), "seconds_per_iteration": seconds / len(iterations),
             "nfe_per_iteration": nfe / len(iterations), "nfe_per_second": nfe / seconds,
-            "overhead_ratio": seconds / (nfe * per_sample), "ratio_first_dev": max(it["ratio_first_dev"] for it in iterations),
+            "overhead_ratio": overhead_ratio(seconds, sum(it["samples_no_grad"] for it in iterations),
+                                             sum(it["samples_grad"] for it in iterations), per_sample, update_cost_forwards),
+            "overhead_ratio_update_as_one": seconds / (nfe * per_sample), "ratio_first_dev": max(it["ratio_first_dev"] for it in iterations),
             "phases": phases, "iterations": iterations}
 
 
@@ -293,20 +408,23 @@ def markdown(results: list[dict], meta: dict) -> str:
              f"torch {meta['torch']}, diffusers {meta['diffusers']}, depth {meta['depth']}, G {meta['group_size']}, "
              f"{meta['steps']} steps, micro_batch {meta['micro_batch']}; random weights (bench/scale.py). "
              "Peak memory is torch.cuda.max_memory_allocated per phase (weights included).", "",
-             "| model | preset | px | params | storage | weights GB | s/iter | NFE/iter | NFE/s | overhead | ratio_first_dev "
-             "| rollout s / GB | decode s / GB | reward s / GB | update s / GB | est. peak GB |",
-             "|" + " --- |" * 16]
+             "Overhead: wall / pure model cost, an update sample counted as its measured forward + backward "
+             "(update = that cost in forwards); in brackets the old ratio that counted it as one forward.", "",
+             "| model | preset | px | params | storage | weights GB | s/iter | NFE/iter | NFE/s | overhead (update as one) "
+             "| update = fwd | ratio_first_dev | rollout s / GB | decode s / GB | reward s / GB | update s / GB | est. peak GB |",
+             "|" + " --- |" * 17]
     for r in results:
         if "skipped" in r or not r.get("iterations_done"):
             why = r.get("skipped") or r.get("stopped") or r.get("error", "not run")
-            lines.append(f"| {r['model']} | {r['preset']} | {r['resolution']} | | | | | | | | | | | | | skipped: {why} |")
+            lines.append(f"| {r['model']} | {r['preset']} | {r['resolution']} | | | | | | | | | | | | | | skipped: {why} |")
             continue
         ph = r["phases"]
         cells = [f"{ph[p]['seconds']:.1f} / {_gb(ph[p]['peak_mem_gb'])}" for p in PHASES]
         est = r.get("estimate", {}).get("peak_gb")
         lines.append(f"| {r['model']} | {r['preset']} | {r['resolution']} | {r['params'] / 1e9:.2f}B | {r['storage_dtype']} "
                      f"| {r['weights_gb']:.1f} | {r['seconds_per_iteration']:.1f} | {r['nfe_per_iteration']:.0f} "
-                     f"| {r['nfe_per_second']:.1f} | {r['overhead_ratio']:.2f} | {r['ratio_first_dev']:.2e} | "
+                     f"| {r['nfe_per_second']:.1f} | {r['overhead_ratio']:.2f} ({r.get('overhead_ratio_update_as_one', 0):.2f}) "
+                     f"| {r.get('update_cost_forwards', 0):.1f} | {r['ratio_first_dev']:.2e} | "
                      + " | ".join(cells) + f" | {'' if est is None else f'{est:.1f} (estimated)'} |")
     return "\n".join(lines) + "\n"
 
@@ -322,7 +440,8 @@ def attach_estimate(record: dict) -> None:
             record["estimate"] = {"peak_gb": row["peak_gb"], "phases_gb": row["phases_gb"], "estimated": True}
 
 
-def main(argv=None) -> dict:
+def main(argv=None, shared: dict | None = None) -> dict:
+    """shared: the VAE and reward built so far, kept across calls (bench/scale_gpu.py runs several)."""
     args = parse_args(argv)
     from egrpo_backend.dtypes import resolve_compute_dtype, resolve_storage_dtype
     from egrpo_backend.policies import resolve_device
@@ -339,7 +458,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "depth": args.depth or "full",
             "group_size": args.group_size, "steps": args.steps, "micro_batch": args.micro_batch,
             "budget_seconds": args.budget_seconds, "argv": list(argv) if argv is not None else sys.argv[1:]}
-    results, shared = [], {}
+    results, shared = [], {} if shared is None else shared
     for model, preset, res in configurations(args):
         left = None if deadline is None else deadline - time.perf_counter()
         print(f"== {model} {preset} {res}px" + ("" if left is None else f" ({left:.0f} s of budget left)"), flush=True)
@@ -355,6 +474,8 @@ def main(argv=None) -> dict:
                 record = {"model": model, "preset": preset, "resolution": res, "error": f"{type(e).__name__}: {e}"[:500],
                           "traceback": traceback.format_exc()[-3000:]}
                 free(device)
+        if args.memory_cap_gb and device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
         attach_estimate(record)
         if "skipped" in record or "error" in record:
             print(f"  skipped: {record.get('skipped') or record.get('error')}", flush=True)

@@ -212,3 +212,114 @@ class RandomConds:
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- families the memory table models with block swap (bench/memory_estimate.py, "swap" rows) -----------
+# Transformer configs: the `transformer/config.json` of each published diffusers repository (equal to
+# these diffusers classes' defaults where noted). Text-encoder sizes: the published parameter counts of
+# the encoders those pipelines load. Token counts: the pipeline's latent packing at the given shape.
+@dataclass(frozen=True)
+class LargeFamily:
+    """A model the estimator sizes exactly (weights, blocks, LoRA on meta) and whose activations it models
+    from the traced families (tokens x hidden x blocks; memory_estimate.modelled_activations)."""
+
+    name: str
+    cls: str
+    config: dict
+    source: str  # where the config and sizes come from
+    shapes: dict  # label -> (image/video tokens per sample, text tokens joined into the sequence, frames, height, width)
+    text_encoder_params: float  # published parameter count of the text encoder(s), loaded in bf16
+    text_encoder: str
+    published_params: float  # the transformer's published parameter count (a check on the config)
+
+
+WAN22_5B = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
+                text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN22_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+                 text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True)
+HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+                     num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                     qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
+                     rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+Z_IMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+               n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+               t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])
+
+
+def _video_tokens(frames: int, height: int, width: int, spatial: int, temporal: int = 4) -> int:
+    """Latent frames (1 + (frames - 1) / temporal) x (height / spatial) x (width / spatial): the sequence length."""
+    return (1 + (frames - 1) // temporal) * (height // spatial) * (width // spatial)
+
+
+def _image_tokens(px: int) -> int:  # 8x VAE, 2x2 patches (FLUX.2 packs 2x2 into its 128 channels; same count)
+    return (px // 16) ** 2
+
+
+LARGE_FAMILIES: dict[str, LargeFamily] = {f.name: f for f in [
+    LargeFamily("wan2.2-5b", "WanTransformer3DModel", WAN22_5B, "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                # Wan2.2 VAE: 16x16 spatial, 4x temporal, then 1x2x2 patches: 32 px per token side
+                {"480p x 33": (_video_tokens(33, 480, 832, 32), 0, 33, 480, 832)},
+                5.7e9, "umT5-XXL encoder (cross-attention, 512 tokens)", 5.0e9),
+    LargeFamily("wan2.2-14b", "WanTransformer3DModel", WAN22_14B, "Wan-AI/Wan2.2-T2V-A14B-Diffusers (one of its two experts)",
+                {"480p x 33": (_video_tokens(33, 480, 832, 16), 0, 33, 480, 832)},  # Wan2.1 VAE 8x, 1x2x2 patches
+                5.7e9, "umT5-XXL encoder (cross-attention, 512 tokens)", 14.0e9),
+    LargeFamily("hunyuanvideo", "HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO, "hunyuanvideo-community/HunyuanVideo",
+                {"480p x 33": (_video_tokens(33, 480, 832, 16), 256, 33, 480, 832)},
+                8.0e9 + 0.12e9, "LLaVA-Llama-3-8B + CLIP-L (256 joint text tokens)", 13.0e9),
+    LargeFamily("flux2-dev", "Flux2Transformer2DModel", FLUX2_DEV, "black-forest-labs/FLUX.2-dev (= diffusers defaults)",
+                {"512": (_image_tokens(512), 512, 1, 512, 512), "1024": (_image_tokens(1024), 512, 1, 1024, 1024)},
+                24.0e9, "Mistral-Small-3.1-24B (512 joint text tokens)", 32.0e9),
+    LargeFamily("z-image", "ZImageTransformer2DModel", Z_IMAGE, "Tongyi-MAI/Z-Image-Turbo (= diffusers defaults)",
+                {"512": (_image_tokens(512), 256, 1, 512, 512), "1024": (_image_tokens(1024), 256, 1, 1024, 1024)},
+                4.0e9, "Qwen3-4B (about 256 joint text tokens)", 6.0e9),
+]}
+
+
+def large_family_on_meta(family: LargeFamily, compute: torch.dtype, storage: torch.dtype):
+    """The family's transformer on meta in its storage plan (blocks in `storage`, the rest in `compute`)."""
+    import diffusers
+
+    from egrpo_backend.policies.weight_storage import store_weights
+
+    model = on_meta(lambda: getattr(diffusers, family.cls)(**family.config))
+    model.to(dtype=compute)
+    store_weights(model, storage, compute)
+    return model
+
+
+# --- tiny widths: the same classes and code paths at a size a CPU test runs in seconds (bench/scale_gpu.py --tiny)
+TINY_WIDTH = {"num_attention_heads": 2, "attention_head_dim": 16, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+              "caption_projection_dim": 32, "text_dim": 32, "ffn_dim": 32}
+
+
+def tiny_config(config: dict, depth: int = 1, depth_keys=("num_layers", "num_single_layers")) -> dict:
+    """`config` at TINY_WIDTH and `depth` blocks of each kind (rope axes shrunk to the head size)."""
+    out = {**config, **{k: v for k, v in TINY_WIDTH.items() if k in config}}
+    for k in depth_keys:
+        if k in out:
+            out[k] = min(depth, out[k])
+    if "axes_dims_rope" in out:
+        out["axes_dims_rope"] = (4, 6, 6) if len(out["axes_dims_rope"]) == 3 else (4, 4, 4, 4)
+    if "dual_attention_layers" in out:
+        out["dual_attention_layers"] = ()
+    return out
+
+
+def tiny_card(card: ModelCard) -> ModelCard:
+    """The card at tiny width and depth 1, with conds of its tiny text width."""
+    return ModelCard(**{**card.__dict__, "name": card.name, "config": tiny_config(card.config, 1, card.depth_keys),
+                        "text_dim": TINY_WIDTH["joint_attention_dim"],
+                        "pooled_dim": TINY_WIDTH["pooled_projection_dim"] if card.pooled_dim else 0, "text_tokens": 8})
+
+
+def tiny_comfy_flux_card() -> ModelCard:
+    """FLUX.1-dev at tiny width for ComfyUI's loader, which reads a diffusers-format file's heads as hidden / 128:
+    one head of 128 (rope axes 16 + 56 + 56, as FLUX's own)."""
+    card = tiny_card(MODELS["flux-dev"])
+    return ModelCard(**{**card.__dict__, "config": {**card.config, "num_attention_heads": 1, "attention_head_dim": 128,
+                                                    "axes_dims_rope": (16, 56, 56)}})

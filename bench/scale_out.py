@@ -27,18 +27,18 @@ from egrpo_backend.config import JobSpec  # noqa: E402
 from egrpo_backend.jobs import create_job, read_events  # noqa: E402
 
 
-def spec(iterations: int, parallel: str) -> dict:
+def spec(iterations: int, parallel: str, device: str = "cpu") -> dict:
     return {"model": {"source": "default"}, "prompts": ["a handwritten digit three", "a handwritten digit seven"],
             "rewards": [{"name": "digit_probability"}], "algorithm": {"steps": 6, "active": "0-1", "group_size": 4},
             "lora": {"rank": 2, "alpha": 2.0},
             "train": {"iterations": iterations, "prompts_per_iteration": 4, "minibatches": 2, "checkpoint_every": iterations,
-                      "evaluate": False, "device": "cpu", "threads": 1, "parallel": parallel}, "output": {"name": "bench", "formats": ["peft"]}}
+                      "evaluate": False, "device": device, "threads": 1, "parallel": parallel}, "output": {"name": "bench", "formats": ["peft"]}}
 
 
-def timing(ranks: int, iterations: int, parallel: str = "ddp") -> dict:
+def timing(ranks: int, iterations: int, parallel: str = "ddp", device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job"
-        create_job(JobSpec.from_dict(spec(iterations, parallel)), job)
+        create_job(JobSpec.from_dict(spec(iterations, parallel, device)), job)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         subprocess.run([sys.executable, "-m", "egrpo_backend", "run", str(job), "--nproc-per-node", str(ranks), "--quiet"],
                        env=env, cwd=ROOT, check=True, capture_output=True)

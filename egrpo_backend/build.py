@@ -1,6 +1,6 @@
-"""From a JobSpec to a ready Trainer: policy, LoRA, rewards, prompt encoding. Jobs, benchmarks and
-tests all build through here, so the order (policy -> LoRA -> encode -> free encoders -> Trainer)
-is written once."""
+"""From a JobSpec to a ready Trainer: prompt checks, policy, LoRA, rewards. Jobs, benchmarks and
+tests all build through here, so the order (check the prompts streamed -> policy -> LoRA -> Trainer,
+which encodes the prompts of the next iterations ahead of use) is written once."""
 
 from __future__ import annotations
 
@@ -11,15 +11,18 @@ from . import lora as lora_lib
 from .config import JobSpec
 from .policies import build_policy, resolve_device, resolve_dtype, source_defaults
 from .policies.base import FlowPolicy
+from .prompt_rules import check_prompt_rules
 from .rewards import WeightedRewards, build_reward
-from .trainer import Trainer
+from .trainer import ENCODE_CHUNK, Trainer
 
-COND_CACHE = "encoded_prompts.safetensors"  # in the job folder: the diffusers source's encoded prompts (docs/memory.md)
+COND_CACHE = "conds"  # in the job folder: the encoded prompts, bounded by train.cond_cache_gb (docs/prompts.md)
 DEFAULT_EVAL_SEEDS = range(10000, 10010)  # held-out noise seeds when the spec gives eval prompts but no seeds
 
 
-def training_prompts(spec: JobSpec) -> list[str]:
-    return spec.prompt_list() or source_defaults(spec.model).get("prompts", [])
+def training_prompts(spec: JobSpec):
+    """The training prompts as a sequence (a file set is streamed, never read whole)."""
+    prompts = spec.prompt_set()
+    return prompts if len(prompts) else source_defaults(spec.model).get("prompts", [])
 
 
 def eval_pairs(spec: JobSpec) -> list[tuple[str, int]]:
@@ -34,10 +37,10 @@ def eval_pairs(spec: JobSpec) -> list[tuple[str, int]]:
 def texts_to_encode(spec: JobSpec) -> list[str]:
     """Every text a job encodes: training prompts, held-out prompts and the negative prompt, once each.
 
-    The ComfyUI node encodes exactly these into the job's cond cache, the job encodes them before
-    its first iteration: one list, so the two can never drift apart."""
+    The ComfyUI node encodes exactly these into the job's cond cache (the default and diffusers
+    sources encode as needed instead, docs/prompts.md): one list, so the two can never drift apart."""
     pairs = eval_pairs(spec)
-    return list(dict.fromkeys(training_prompts(spec) + [p for p, _ in pairs] + [spec.algorithm.negative_prompt]))
+    return list(dict.fromkeys(list(training_prompts(spec)) + [p for p, _ in pairs] + [spec.algorithm.negative_prompt]))
 
 
 def build_rewards(spec: JobSpec) -> WeightedRewards:
@@ -46,23 +49,44 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 
 
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
-    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha,
-                                     target_modules=spec.lora.target_modules or None, dtype=spec.lora.dtype)
+    from .policies.block_swap import adopt_lora
+
+    targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
+    settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,
+                                     dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
+    adopt_lora(policy.lora_model())  # block swap: a LoRA made on the host beside a swapped block goes to the device
 
 
 def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: WeightedRewards | None = None,
                   job_dir: Path | None = None) -> Trainer:
     """A Trainer for `spec`. A given policy (without a LoRA yet) or reward is used instead of building one."""
+    check_prompt_rules(spec)  # the whole set, streamed, before a prompt is encoded
     if policy is None:
         device = distributed.rank_device(resolve_device(spec.train.device))
-        cond_cache = Path(job_dir) / COND_CACHE if job_dir else None  # a resumed job then needs no text encoder
-        policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device), cond_cache=cond_cache)
+        policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device), cond_cache=cond_folder(job_dir),
+                              cond_cache_gb=spec.train.cond_cache_gb, cond_memory_gb=spec.train.cond_memory_gb)
     if not policy.trainable_parameters():
         add_job_lora(policy, spec)
     reward = reward or build_rewards(spec)
-    # Encode every text once; the text encoders can then leave memory for good.
-    policy.encode(texts_to_encode(spec))
-    if hasattr(policy, "release_text_encoder"):
+    prompts = training_prompts(spec)
+    if not hasattr(policy, "encode_ahead"):  # no cond store (the comfy source reads its node's cache): every text now
+        policy.encode(texts_to_encode(spec))
+        if hasattr(policy, "release_text_encoder"):
+            policy.release_text_encoder()
+    elif len(prompts) <= ENCODE_CHUNK:
+        # A small set is encoded whole now and the text encoders leave memory (they reload only if an
+        # evicted prompt is needed again); a large one is encoded chunk by chunk as training reaches it.
+        policy.encode_ahead(texts_to_encode(spec))
         policy.release_text_encoder()
-    return Trainer(policy, spec, reward, training_prompts(spec))
+    else:  # the held-out and negative prompts in one session, now
+        policy.encode_ahead(list(dict.fromkeys([p for p, _ in eval_pairs(spec)] + [spec.algorithm.negative_prompt])))
+    return Trainer(policy, spec, reward, prompts)
+
+
+def cond_folder(job_dir) -> Path | None:
+    """The job's encoded prompts: one folder per rank (each rank encodes the prompts it draws)."""
+    if not job_dir:
+        return None
+    world = distributed.world_size()
+    return Path(job_dir) / (COND_CACHE if world == 1 else f"{COND_CACHE}-rank{distributed.rank()}")

@@ -10,37 +10,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class SpecError(ValueError):
-    """A job spec is invalid; the message names the key and what is allowed."""
-
-
-# Upper bounds: far above any real run, low enough that a typo cannot ask for an endless job.
-MAX_ITERATIONS = 1_000_000
-MAX_PROMPTS = 100_000  # prompts in a list or file (each is encoded once before training)
-MAX_PROMPTS_PER_ITERATION = 4096
-MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
-MAX_THREADS = 1024
-MAX_PROMPT_CHARS = 10_000
+from .spec_limits import (  # noqa: F401  (re-exported: the spec's error and limits are named here too)
+    MAX_DEVICE_INDEX, MAX_ITERATIONS, MAX_LIST_ITEMS, MAX_PATH_CHARS, MAX_PROMPT_CHARS, MAX_PROMPTS,
+    MAX_PROMPTS_PER_ITERATION, MAX_REWARD_WEIGHT, MAX_SEED, MAX_TEXT_CHARS, MAX_THREADS, SpecError)
 
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise SpecError(f"{key} = {value!r} is not allowed; valid values: {', '.join(map(repr, allowed))}")
+        raise SpecError(f"{key} = {_short(value)} is not allowed; valid values: {', '.join(map(repr, allowed))}")
 
 
-def _range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"{key} must be a finite number, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise SpecError(f"{key} = {value!r} is out of range; it must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise SpecError(f"{key} = {value!r} is out of range; it must be <= {hi}")
+def _range(key: str, value, lo=None, hi=None, lo_open=False, why: str = "") -> None:
+    # Integers are compared as integers: math.isfinite(10**400) overflows converting it to a float.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise SpecError(f"{key} must be a finite number, got {_short(value)}")
+    if isinstance(value, int) and value.bit_length() > 128:  # far outside every range below; repr would be 400 digits
+        raise SpecError(f"{key} = a {len(str(abs(value)))}-digit integer is out of range"
+                        + (f"; it must be between {lo} and {hi}" if lo is not None and hi is not None else "") + why)
+    low = lo is not None and (value <= lo if lo_open else value < lo)
+    if low or (hi is not None and value > hi):
+        bounds = [f"{'>' if lo_open else '>='} {lo}"] * (lo is not None) + [f"<= {hi}"] * (hi is not None)
+        raise SpecError(f"{key} = {value!r} is out of range; it must be {' and '.join(bounds)}{why}")
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut: an error line quotes a value, never a 10,000-character one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -51,13 +53,31 @@ class ComfySpec:
     kind: str = "diffusion_model"  # what model.path is: diffusion_model (UNETLoader file) | checkpoint (all-in-one file)
     vae: str = ""  # VAE file (or the checkpoint itself); "" = no VAE, images are a latent preview (tests only)
     cond_cache: str = ""  # safetensors of the prompts' conds, encoded once by the node in ComfyUI's process
-    guidance: float = 3.5  # distilled guidance input (FLUX.1-dev); ignored by models without one
+    guidance: float = -1.0  # < 0: as the graph samples (the conds' own, e.g. FluxGuidance, else the model's default); >= 0: set on every prompt, as FluxGuidance does
     width: int = 512  # rollout image width in pixels
     height: int = 512  # rollout image height in pixels
+    length: int = 1  # video models: pixel frames, as ComfyUI's empty video latent nodes take it; 1 for image models
+    loras: list = field(default_factory=list)  # LoRAs patched onto the MODEL before the Train node: [{"name": file in loras, "strength"}], trained on top
+    lora_dirs: list = field(default_factory=list)  # ComfyUI's loras folders, where those names are looked up (never outside them)
+    model_sampling: dict = field(default_factory=dict)  # a ModelSampling* patch on the MODEL: {"kind": discrete_flow | flux, "shift", "multiplier"}; {} = the model's own
 
     def validate(self) -> None:
         _choice("model.comfy.kind", self.kind, COMFY_KINDS)
-        _range("model.comfy.guidance", self.guidance, 0)
+        _range("model.comfy.guidance", self.guidance, -1, 1000)
+        _range("model.comfy.length", self.length, 1, 10_000)
+        if not isinstance(self.length, int):
+            raise SpecError(f"model.comfy.length = {self.length!r} must be a whole number of frames (1 for image models)")
+        for i, entry in enumerate(self.loras):
+            if not isinstance(entry, dict) or set(entry) != {"name", "strength"} or not isinstance(entry["name"], str):
+                raise SpecError(f"model.comfy.loras[{i}] = {entry!r} must be {{\"name\": file in loras, \"strength\": number}}")
+            _range(f"model.comfy.loras[{i}].strength", entry["strength"], -100, 100)
+        if self.model_sampling:
+            ms = self.model_sampling
+            if set(ms) - {"kind", "shift", "multiplier"} or ms.get("kind") not in ("discrete_flow", "flux"):
+                raise SpecError(f"model.comfy.model_sampling = {ms!r}: expected {{\"kind\": \"discrete_flow\" | "
+                                "\"flux\", \"shift\": number, \"multiplier\": number}")
+            _range("model.comfy.model_sampling.shift", ms.get("shift"), -100, 100)
+            _range("model.comfy.model_sampling.multiplier", ms.get("multiplier", 1000.0), 0, lo_open=True)
         for key in ("width", "height"):
             value = getattr(self, key)
             _range(f"model.comfy.{key}", value, 64, 4096)
@@ -75,8 +95,11 @@ class ModelSpec:
     family: str = "auto"  # diffusers transformer family: auto, sd3, flux, sana
     dtype: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16
     weight_dtype: str = "auto"  # storage dtype of the frozen base: auto (= dtype; comfy: the file's own), float8_e4m3fn, float8_e5m2, bfloat16, float16, float32
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA, and always for comfy models), on, off
+    gradient_checkpointing: str = "auto"  # auto (on for CUDA, for comfy models, and with offload_blocks), on, off
+    offload_blocks: Any = 0  # block swap (docs/memory.md): the last N transformer blocks stream from host memory; "auto": from free memory
     comfy: ComfySpec = field(default_factory=ComfySpec)  # comfy source only: the files ComfyUI loaded
+    width: int = 0  # diffusers source: image width in pixels; 0 = the transformer config's sample_size (FLUX.1 has none: set it)
+    height: int = 0  # diffusers source: image height in pixels; 0 = as width (both 0: sample_size)
 
     def validate(self) -> None:
         from .dtypes import COMPUTE_DTYPES, STORAGE_DTYPES
@@ -87,17 +110,42 @@ class ModelSpec:
         _choice("model.dtype", self.dtype, ("auto", *COMPUTE_DTYPES))
         _choice("model.weight_dtype", self.weight_dtype, ("auto", *STORAGE_DTYPES))
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        if self.offload_blocks != "auto" and (isinstance(self.offload_blocks, bool) or not isinstance(self.offload_blocks, int)
+                                              or self.offload_blocks < 0):
+            raise SpecError(f"model.offload_blocks = {_short(self.offload_blocks)} is not allowed; give a block count (an "
+                            "integer >= 0, 0 = no block swap) or 'auto' (from the device's free memory)")
+        if self.offload_blocks != "auto":
+            _range("model.offload_blocks", self.offload_blocks, 0, 10_000)  # far above any model's block count
+        if self.offload_blocks != 0 and self.source == "default":
+            raise SpecError("model.offload_blocks: the default model is tiny and has nothing to swap; set it to 0")
+        if self.offload_blocks != 0 and self.gradient_checkpointing == "off":
+            raise SpecError("model.offload_blocks needs gradient checkpointing (without it autograd keeps every swapped "
+                            "block's device copy until backward, so the update holds the whole model); set "
+                            "model.gradient_checkpointing to 'auto' or 'on', or model.offload_blocks to 0")
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16384:
+                raise SpecError(f"model.{side} must be a whole number of pixels in 0..16384 (0 = from the model's config), got {value!r}")
+        if self.source != "diffusers" and (self.width or self.height):
+            raise SpecError("model.width / model.height are for model.source 'diffusers'; the comfy source sets its size in "
+                            "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
+        if self.source == "default" and self.path:  # never ignored silently: the embedded model has no file
+            raise SpecError(f"model.path = {_short(self.path)} is not used by model.source = 'default' (the embedded "
+                            "digits model); remove model.path or set model.source to 'diffusers' or 'comfy'")
         if self.source == "comfy":
             self.comfy.validate()
+        elif self.comfy != ComfySpec():
+            raise SpecError(f"model.comfy applies to model.source = 'comfy' only (this spec has {self.source!r}); "
+                            "remove model.comfy")
 
     def gradient_checkpointing_on(self, device) -> bool:
         """auto: on for CUDA (memory), and always for comfy models, whose blocks add residuals in
         place and so need recomputation to backpropagate at all (docs/memory.md)."""
         if self.gradient_checkpointing != "auto":
             return self.gradient_checkpointing == "on"
-        return device.type == "cuda" or self.source == "comfy"
+        return device.type == "cuda" or self.source == "comfy" or self.offload_blocks != 0
 
 
 @dataclass(init=False)
@@ -150,7 +198,7 @@ class AlgorithmSpec:
         from .algorithms import PRESETS
 
         if not isinstance(preset, str) or preset not in PRESETS:
-            raise SpecError(f"algorithm.preset = {preset!r} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
+            raise SpecError(f"algorithm.preset = {_short(preset)} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
         defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     for f in dataclasses.fields(self) if f.name != "preset"}
         unknown = sorted(set(values) - set(defaults))
@@ -166,8 +214,8 @@ class AlgorithmSpec:
         from .rollout import GRANULARITY_GRIDS
         from .schedule import DIFFUSION_KINDS, check_merge
         _range("algorithm.steps", self.steps, 2, 1000)
-        _range("algorithm.shift", self.shift, 0, lo_open=True)
-        _range("algorithm.eta", self.eta, 0, lo_open=True)
+        _range("algorithm.shift", self.shift, 0, 1000, lo_open=True)
+        _range("algorithm.eta", self.eta, 0, 100, lo_open=True)
         _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
         try:
@@ -177,37 +225,56 @@ class AlgorithmSpec:
         _range("algorithm.group_size", self.group_size, 2, 1024)
         if not self.granularities or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 1000
                                          for g in self.granularities):
-            raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {self.granularities!r}")
+            raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {_short(self.granularities)}")
         if not (isinstance(self.active, str) or (isinstance(self.active, list) and self.active
                                                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.active))):
             raise SpecError(f"algorithm.active must be a string like '0-7', '0,2,4', 'all', 'first_half' or a list of "
-                            f"step indices, got {self.active!r}")
+                            f"step indices, got {_short(self.active)}")
+        if isinstance(self.active, str) and self.active not in ("all", "first_half") and not all(
+                _ACTIVE_PART.match(part) for part in self.active.replace(" ", "").split(",")):
+            raise SpecError(f"algorithm.active = {_short(self.active)} is not allowed; write step indices 0..999 in "
+                            "ASCII digits like '0-7' or '0,2,4', or 'all' or 'first_half'")
+        if isinstance(self.active, list):
+            for i, step in enumerate(self.active):
+                _range(f"algorithm.active[{i}]", step, 0, 999)
         if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
-            raise SpecError(f"algorithm.sigmas must be a list of numbers, got {self.sigmas!r}")
+            raise SpecError(f"algorithm.sigmas must be a list of numbers, got {_short(self.sigmas)}")
+        if len(self.sigmas) > 1001:
+            raise SpecError(f"algorithm.sigmas has {len(self.sigmas)} values; at most 1001 (1000 steps) are allowed")
+        for i, v in enumerate(self.sigmas):
+            _range(f"algorithm.sigmas[{i}]", v, 0, 1)
+        if isinstance(self.merge, int) and not isinstance(self.merge, bool):
+            _range("algorithm.merge", self.merge, 1, 1000)
+        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise SpecError(f"algorithm.negative_prompt must be a string of at most {MAX_PROMPT_CHARS} characters, got "
+                            f"{_short(self.negative_prompt)}")
         _choice("algorithm.branch", self.branch, BRANCH_KINDS)
         _choice("algorithm.granularity_grid", self.granularity_grid, GRANULARITY_GRIDS)
-        _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
+        _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1, 1000)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
-        _range("algorithm.slide_every", self.slide_every, 1)
-        _range("algorithm.sde_window", self.sde_window, 0)
+        _range("algorithm.slide_every", self.slide_every, 1, MAX_ITERATIONS)
+        _range("algorithm.sde_window", self.sde_window, 0, 1000)
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
         _choice("algorithm.train_subset", self.train_subset, TRAIN_SUBSETS)
         _choice("algorithm.kl_form", self.kl_form, KL_FORMS)
         for key in ("train_last_step", "slide_rollback", "window_within_active"):
             if not isinstance(getattr(self, key), bool):
-                raise SpecError(f"algorithm.{key} must be true or false, got {getattr(self, key)!r}")
+                raise SpecError(f"algorithm.{key} must be true or false, got {_short(getattr(self, key))}")
         _choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
         _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
         _choice("algorithm.reward_mode", self.reward_mode, REWARD_MODES)
         _range("algorithm.clip_range", self.clip_range, 0, lo_open=True)
-        _range("algorithm.kl_beta", self.kl_beta, 0)
+        _range("algorithm.kl_beta", self.kl_beta, 0, 1e6)
         _choice("algorithm.update_mode", self.update_mode, UPDATE_MODES)
-        _range("algorithm.guidance_scale", self.guidance_scale, 0)
+        _range("algorithm.guidance_scale", self.guidance_scale, 0, 100)
         self._validate_nft()
         try:
-            self.plan()
+            plan = self.plan()
         except ValueError as e:
             raise SpecError(f"algorithm: {e}") from None
+        if self.branches_per_prompt > len(plan.active):  # branch_starts would silently take min(...) of the two
+            raise SpecError(f"algorithm.branches_per_prompt = {self.branches_per_prompt} is out of range; it must be "
+                            f">= 1 and <= {len(plan.active)} (the number of active steps, algorithm.active)")
 
     def _validate_nft(self) -> None:
         from .algorithms import LOSSES
@@ -216,7 +283,7 @@ class AlgorithmSpec:
         _choice("algorithm.loss", self.loss, LOSSES)
         _range("algorithm.nft_beta", self.nft_beta, 0, lo_open=True)
         if isinstance(self.nft_decay, bool) or self.nft_decay not in DECAY_TYPES:
-            raise SpecError(f"algorithm.nft_decay = {self.nft_decay!r} is not allowed; valid values: "
+            raise SpecError(f"algorithm.nft_decay = {_short(self.nft_decay)} is not allowed; valid values: "
                             f"{', '.join(map(str, DECAY_TYPES))} (the old-policy EMA schedule, nft.old_policy_decay)")
         _range("algorithm.nft_timestep_fraction", self.nft_timestep_fraction, 0, 1, lo_open=True)
         if self.loss != "nft":
@@ -257,10 +324,16 @@ class LoraSpec:
 
         _range("lora.rank", self.rank, 1, 1024)
         _range("lora.init_seed", self.init_seed, 0, MAX_SEED)
-        if not all(isinstance(m, str) and m for m in self.target_modules):
-            raise SpecError(f"lora.target_modules must be a list of module names, got {self.target_modules!r}")
-        _range("lora.alpha", self.alpha, 0, lo_open=True)
+        if not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in self.target_modules):
+            raise SpecError(f"lora.target_modules must be a list of module names (letters, digits, '_' and '.'), got "
+                            f"{_short(self.target_modules)}")
+        _range("lora.alpha", self.alpha, 0, 1e6, lo_open=True)
         _choice("lora.dtype", self.dtype, tuple(LORA_DTYPES))
+
+
+_DEVICE_INDEX = re.compile(r"cuda:([0-9]{1,4})\Z")
+_ACTIVE_PART = re.compile(r"([0-9]{1,3}(-[0-9]{1,3})?)?\Z")  # one part of '0-7,9' (ASCII: '٣'.isdigit() is True)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,255}\Z")
 
 
 @dataclass
@@ -288,12 +361,14 @@ class TrainSpec:
     drift_guard: float = 0.0  # reward-hacking guard: if held-out drift from real data (models that measure it) > this x base, stop and restore; 0 = off, else >= 1
     parallel: str = "ddp"  # multi-rank gradient averaging: ddp (LoRA replicated) | fsdp (FSDP2, frozen base sharded); see docs/scale_out.md
     dist_timeout: float = 300.0  # seconds a collective may wait before the process group fails (no hang when a rank dies)
+    cond_cache_gb: float = 20.0  # encoded prompts kept on disk in the job folder (conds/), least recently used dropped first; 0 = none
+    cond_memory_gb: float = 2.0  # encoded prompts kept in memory (LRU); prompts are encoded ahead in chunks (docs/prompts.md)
 
     def validate(self) -> None:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
         _range("train.prompts_per_iteration", self.prompts_per_iteration, 1, MAX_PROMPTS_PER_ITERATION)
         _range("train.lr", self.lr, 0, 1, lo_open=True)
-        _range("train.weight_decay", self.weight_decay, 0)
+        _range("train.weight_decay", self.weight_decay, 0, 1000)
         _range("train.grad_clip", self.grad_clip, 0, lo_open=True)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _range("train.warmup_iterations", self.warmup_iterations, 0, MAX_ITERATIONS)
@@ -312,8 +387,24 @@ class TrainSpec:
             _range("train.drift_guard", self.drift_guard, 1, 100)
         _choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         _range("train.dist_timeout", self.dist_timeout, 0, 86400, lo_open=True)
-        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        _range("train.cond_cache_gb", self.cond_cache_gb, 0, 1e6)
+        _range("train.cond_memory_gb", self.cond_memory_gb, 0, 1e4, lo_open=True)
+        # ASCII digits only: str.isdigit() accepts '٣' and '³', which torch.device cannot parse.
+        index = _DEVICE_INDEX.match(self.device)
+        if not (self.device in ("auto", "cpu", "cuda") or (index and int(index.group(1)) <= MAX_DEVICE_INDEX)):
+            raise SpecError(f"train.device = {_short(self.device)} is not allowed; valid values: 'auto', 'cpu', 'cuda', "
+                            f"'cuda:N' (N = 0..{MAX_DEVICE_INDEX}, ASCII digits)")
+
+    def max_update_units(self, algo: "AlgorithmSpec") -> int:
+        """The most update inputs (GRPO: (group, step) units; NFT: samples) one iteration can have: more
+        minibatches than this would be cut to it silently (Trainer._minibatches, NFTUpdate._chunks)."""
+        if algo.loss == "nft":
+            return self.prompts_per_iteration * algo.group_size
+        plan = algo.plan()
+        branches = {"active": len(plan.active), "first": 1, "sliding": 1}.get(
+            algo.branch, min(algo.branches_per_prompt, len(plan.active)))
+        window = algo.sde_window or len(plan.steps)
+        return self.prompts_per_iteration * branches * algo.group_size * min(window, len(plan.steps))
 
 
 @dataclass
@@ -337,95 +428,101 @@ class OutputSpec:
             _choice("output.formats[]", f, FORMATS)
 
 
-def _read_prompt_file(path: Path, key: str):
-    """A .json file holds a list of prompts (a job folder's prompts-<sha256>.json); any other file has one
-    prompt per line ('#' starts a comment line)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{key}.file {path} is not valid JSON ({e}); a .json prompt file holds a list of strings") from None
-    lines = [ln.strip() for ln in text.splitlines()]
-    return [p for p in lines if p and not p.startswith("#")]
-
-
 @dataclass
 class JobSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
-    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (one per line)
-    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms); [] = none (or the model's own set)
+    prompts: Any = field(default_factory=list)  # list of training prompts, or {"file": "prompts.txt"} (a .txt / .jsonl / .csv file or folder, docs/prompts.md)
+    eval_prompts: Any = field(default_factory=list)  # held-out prompts (same forms, e.g. {"file": "hpdv2", "split": "test"}); [] = none (or the model's own set)
     eval_seeds: list = field(default_factory=list)  # seeds for held-out sampling; [] = 10000..10009
     rewards: list = field(default_factory=lambda: [{"name": "jpeg_compressibility", "weight": 1.0}])  # [{"name", "weight", ...options}]
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
-    base_dir: str = ""  # folder relative paths in the spec are resolved against (set by from_file)
+    # Not a spec key (a spec cannot set it): the folder a relative prompts.file is read from, the spec
+    # file's folder (from_file) or the job folder (load_spec). A class attribute, not a dataclass field,
+    # so it is never saved into job.json or a LoRA header, and _build refuses it as an unknown key.
+    base_dir = ""
 
     def validate(self) -> "JobSpec":
         for part in (self.model, self.algorithm, self.lora, self.train, self.output):
             part.validate()
-        self.prompt_list()  # resolves and checks the prompt file
+        if self.algorithm.loss == "nft" or self.algorithm.update_mode == "averaged":
+            most = self.train.max_update_units(self.algorithm)
+            _range("train.minibatches", self.train.minibatches, 1, most,
+                   why=f" (one iteration of this spec has at most {most} update inputs to split into minibatches)")
+        if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
+            raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
+                            "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
+        self.prompt_set()  # resolves, indexes and checks the prompt file (streamed)
         if self.eval_prompts:
-            self.prompt_list(eval=True)
+            self.prompt_set(eval=True)
         if not isinstance(self.rewards, list) or not self.rewards:
             raise SpecError("rewards must be a non-empty list like [{'name': 'jpeg_compressibility', 'weight': 1.0}]")
-        from .rewards.catalogue import reward_names, reward_options
+        from .rewards import frames as reward_frames
+        from .rewards.catalogue import reward_min_frames, reward_names, reward_options
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:
-                raise SpecError(f"rewards[{i}] must be an object with a 'name', got {r!r}")
+                raise SpecError(f"rewards[{i}] must be an object with a 'name', got {_short(r)}")
             if not isinstance(r["name"], str):
-                raise SpecError(f"rewards[{i}].name must be a string, got {r['name']!r}")
+                raise SpecError(f"rewards[{i}].name must be a string, got {_short(r['name'])}")
             _choice(f"rewards[{i}].name", r["name"], tuple(reward_names()))
-            _range(f"rewards[{i}].weight", r.get("weight", 1.0))
+            _range(f"rewards[{i}].weight", r.get("weight", 1.0), -MAX_REWARD_WEIGHT, MAX_REWARD_WEIGHT)
             allowed = reward_options(r["name"])
             unknown = sorted(set(r) - {"name", "weight", *allowed})
             if unknown:
                 raise SpecError(f"unknown option 'rewards[{i}].{unknown[0]}' for reward {r['name']!r}; "
                                 f"its options: {', '.join(allowed) or 'none'}")
+            _check_reward_option_types(i, r)
+            try:  # video: the frames a reward scores against the frames the model makes (docs/rewards.md)
+                reward_frames.check_reward_frames(f"rewards[{i}]", r["name"], r.get("frames", "all"),
+                                                  reward_min_frames(r["name"]), reward_frames.model_frames(self.model))
+            except ValueError as e:
+                raise SpecError(str(e)) from None
+        if all(r.get("weight", 1.0) == 0 for r in self.rewards):  # the advantages would all be 0: no gradient at all
+            raise SpecError(f"rewards[].weight: every reward weight is 0, so every advantage is 0 and the LoRA never "
+                            f"changes; give at least one reward a weight other than 0 (-{MAX_REWARD_WEIGHT:g} .. "
+                            f"{MAX_REWARD_WEIGHT:g})")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
-            raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
+            raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {_short(self.eval_seeds)}")
+        from .export_formats import unloadable_formats
+
+        for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
+            raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
+                            f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
+        from .provenance import check_header_size
+
+        check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1
         return self
 
-    def prompt_list(self, eval: bool = False) -> list[str]:
-        value = self.eval_prompts if eval else self.prompts
+    def prompt_set(self, eval: bool = False):
+        """The training (or held-out) prompts as a sequence: an inline list, or a file / folder read as a
+        stream through its index (prompt_sets.py); len() and [i] without holding the set."""
+        from .prompt_sets import open_prompts
+
         key = "eval_prompts" if eval else "prompts"
-        if isinstance(value, dict):
-            if set(value) != {"file"}:
-                raise SpecError(f"{key} as an object takes only the key 'file', got {sorted(value)}")
-            if not isinstance(value["file"], str) or not value["file"]:
-                raise SpecError(f"{key}.file must be the path of a .txt file (a string), got {value['file']!r}")
-            path = Path(value["file"])
-            if not path.is_absolute() and self.base_dir:
-                path = Path(self.base_dir) / path
-            if not path.is_file():
-                raise SpecError(f"{key}.file: prompt file not found: {path} (give a .txt file with one prompt per line)")
-            value = _read_prompt_file(path, key)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            raise SpecError(f"{key} must be a list of strings or {{'file': 'prompts.txt'}}")
-        value = [p.strip() for p in value]
-        if len(value) > MAX_PROMPTS:
-            raise SpecError(f"{key} has {len(value)} prompts; at most {MAX_PROMPTS} are allowed (split the run)")
-        if any(len(p) > MAX_PROMPT_CHARS for p in value):
-            raise SpecError(f"{key} has a prompt longer than {MAX_PROMPT_CHARS} characters")
-        if not eval and not value and self.model.source != "default":
+        value = open_prompts(self.eval_prompts if eval else self.prompts, key, self.base_dir)
+        if not eval and not len(value) and self.model.source != "default":
             raise SpecError(f"{key} is empty; give at least one prompt (the embedded default has its own prompt set)")
-        if any(not p for p in value):
-            raise SpecError(f"{key} contains an empty prompt; remove empty entries")
         return value
+
+    def prompt_list(self, eval: bool = False) -> list[str]:
+        """Every prompt in memory: for held-out sets and small lists (training reads prompt_set)."""
+        return list(self.prompt_set(eval))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str = "") -> "JobSpec":
-        spec = _build(cls, data, "")
-        if base_dir and not spec.base_dir:
-            spec.base_dir = str(base_dir)
+        try:
+            check_text(data)
+            spec = _build(cls, data, "")
+        except RecursionError:
+            raise SpecError("spec is nested too deeply (lists or objects inside each other hundreds of levels "
+                            "deep); a job spec is at most a few levels deep") from None
+        spec.base_dir = str(base_dir) if base_dir else ""
         return spec.validate()
 
     @classmethod
@@ -437,6 +534,8 @@ class JobSpec:
             data = loads_strict(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SpecError(f"spec file {path} is nested too deeply; a job spec is at most a few levels deep") from None
         return cls.from_dict(data, base_dir=str(path.resolve().parent))
 
 
@@ -450,7 +549,85 @@ def loads_strict(text: str):
             raise SpecError(f"the key {dup!r} appears twice in one object; keep one")
         return dict(items)
 
-    return json.loads(text, object_pairs_hook=pairs)
+    return json.loads(text, object_pairs_hook=pairs, parse_int=_parse_int)
+
+
+def _parse_int(text: str):
+    """An integer of JSON; beyond Python's int-conversion limit (4300 digits, a ValueError naming no key)
+    it reads as +-inf, which every numeric key then refuses by name."""
+    if len(text) <= 4000:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
+
+
+_PATH_KEYS = ("model.path", "model.comfy.comfy_root", "model.comfy.vae", "model.comfy.cond_cache", "output.copy_to")
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be carried (written to job.json, a LoRA header, a file name), or None."""
+    if "\x00" in text:
+        return f"contains a NUL byte at position {text.index(chr(0))}; remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains a lone surrogate ({text[e.start]!r} at position {e.start}), which is not text and cannot "
+                "be written as UTF-8; remove it")
+    return None
+
+
+def check_text(value, key: str = "spec") -> None:
+    """Every string (keys too) in a spec as loaded: no NUL byte, no lone surrogate, bounded length; every
+    list bounded. Checked before anything else reads the values, so the error names where it is."""
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        if problem:
+            raise SpecError(f"{key} {problem}")
+        limit = MAX_PATH_CHARS if key in _PATH_KEYS else MAX_TEXT_CHARS
+        if len(value) > limit:
+            raise SpecError(f"{key} is {len(value)} characters long; at most {limit} are allowed")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and (_text_problem(k) or len(k) > 256):
+                raise SpecError(f"a key in {key} is not a usable name ({_short(k)}); keys are short plain names")
+            check_text(v, k if key == "spec" else f"{key}.{k}")
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS and key not in ("prompts", "eval_prompts"):
+            raise SpecError(f"{key} has {len(value)} entries; at most {MAX_LIST_ITEMS} are allowed")
+        for i, v in enumerate(value):
+            check_text(v, f"{key}[{i}]")
+
+
+def _check_reward_option_types(i: int, reward: dict) -> None:
+    """A reward option given with the type its factory's default has (an int for a float is fine): a
+    wrong type would fail only when the job builds its rewards, after the job folder exists."""
+    import inspect
+
+    from .rewards.base import check_memory_options
+    from .rewards.catalogue import reward_factory
+
+    try:
+        check_memory_options(reward["name"], {k: v for k, v in reward.items() if k not in ("name", "weight")})
+    except ValueError as e:
+        raise SpecError(f"rewards[{i}]: {e}") from None
+    params = inspect.signature(reward_factory(reward["name"])).parameters
+    for k, v in reward.items():
+        if k in ("name", "weight") or k not in params:
+            continue
+        default = params[k].default
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, (int, float)):
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))
+                  and (isinstance(default, float) or isinstance(v, int) or v.is_integer()))
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            raise SpecError(f"rewards[{i}].{k} must be {type(default).__name__} like its default {default!r}, "
+                            f"got {_short(v)}")
 
 
 def _build(cls, data, prefix: str):
@@ -476,20 +653,23 @@ def _build(cls, data, prefix: str):
 
 def _coerce(key: str, t, v):
     if t is bool and not isinstance(v, bool):
-        raise SpecError(f"{key} must be true or false, got {v!r}")
+        raise SpecError(f"{key} must be true or false, got {_short(v)}")
     if t is int:
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 return int(v)
-            raise SpecError(f"{key} must be an integer, got {v!r}")
+            raise SpecError(f"{key} must be an integer, got {_short(v)}")
     if t is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SpecError(f"{key} must be a number, got {v!r}")
-        return float(v)
+            raise SpecError(f"{key} must be a number, got {_short(v)}")
+        try:
+            return float(v)
+        except OverflowError:  # an integer of hundreds of digits
+            raise SpecError(f"{key} = a {len(str(abs(v)))}-digit integer is out of range of a number") from None
     if t is str and not isinstance(v, str):
-        raise SpecError(f"{key} must be a string, got {v!r}")
+        raise SpecError(f"{key} must be a string, got {_short(v)}")
     if t is list and not isinstance(v, list):
-        raise SpecError(f"{key} must be a list, got {v!r}")
+        raise SpecError(f"{key} must be a list, got {_short(v)}")
     if t is dict and not isinstance(v, dict):
-        raise SpecError(f"{key} must be an object, got {v!r}")
+        raise SpecError(f"{key} must be an object, got {_short(v)}")
     return v

@@ -106,4 +106,5 @@ class HeldOut:
         keys = ("reward_mean", "reward_ci", "diversity", "drift")
         entry = {"iteration": t.state.iteration, **{k: res[k] for k in keys if k in res}}
         self.history.append(entry)
+        self.last_images = res.get("images")  # for the before/after grid (before_after.py)
         return entry

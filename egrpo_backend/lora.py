@@ -9,17 +9,17 @@ Canonical form (what the trainer checkpoints and every format converts to and fr
     delta W = (alpha / r) * up @ down
 where the module path is the model's own dotted name (e.g. "transformer_blocks.0.attn.to_q").
 
-File formats:
-    kohya  lora_unet_<path with . -> _>.lora_down.weight / .lora_up.weight / .alpha
-           (what ComfyUI and kohya tools load for ComfyUI/BFL-named models such as Flux)
-    peft   transformer.<path>.lora_A.weight / .lora_B.weight, alpha / r folded into lora_B and no
-           alpha keys (diffusers' SD3 loader rejects them); loads with diffusers' load_lora_weights
-    comfy  diffusion_model.<path>.lora_down.weight / .lora_up.weight / .alpha (ComfyUI-native)
-ComfyUI maps lora_unet_* and diffusion_model.* onto its own (BFL) module names and transformer.*
-onto diffusers names: export a diffusers model as "peft" for ComfyUI, a ComfyUI model as "kohya"
-or "comfy".
+File formats, each named for its consumer whichever path trained the LoRA (docs/lora_formats.md):
+    peft   transformer.<diffusers module>.lora_A.weight / .lora_B.weight, alpha / r folded into lora_B
+           and no alpha keys (diffusers' SD3 loader rejects them); for diffusers' load_lora_weights
+    kohya  lora_unet_<native module, . -> _>.lora_down.weight / .lora_up.weight / .alpha: the names
+           kohya sd-scripts and Forge use (FLUX: BFL names, q/k/v fused into qkv), read by ComfyUI too
+    comfy  diffusion_model.<native module>.lora_down.weight / .lora_up.weight / .alpha (ComfyUI)
+A LoRA is converted between diffusers and native (BFL / SAI) module names exactly (lora_names.py),
+and every file is read back through its consumer's key mapping before it is written
+(lora_consumers.py): a format that would not map all its keys is refused, never written.
 For a ComfyUI model, pass its `diffusion_model` (not the BaseModel around it), so that paths are
-the names ComfyUI's LoRA loader maps.
+the native names ComfyUI's LoRA loader maps.
 
 Files are safetensors only (never pickle), written atomically, with the training spec and metrics
 in the header. A file that does not fit the model raises a ValueError that names the first
@@ -40,24 +40,35 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import lora_names
 from .atomic import atomic_save_safetensors
+from .lora_consumers import keys_mapped, refusal
 
 ADAPTER = "egrpo"  # peft adapter name of our LoRA
 FORMATS = ("kohya", "peft", "comfy")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-JSON_METADATA_KEYS = ("egrpo.spec", "egrpo.metrics")  # header values that read_lora decodes from JSON
+JSON_METADATA_KEYS = ("egrpo.spec", "egrpo.metrics", "egrpo.keys_mapped")  # header values that read_lora decodes from JSON
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")  # the second: kohya-style files with diffusers names
 _PEFT_PREFIXES = ("transformer.", "base_model.model.", "")  # diffusers, peft's own save, bare
 _COMFY_PREFIX = "diffusion_model."
 _PEFT_WRAPPER = "base_model.model."  # what peft.get_peft_model puts in front of module names
 
-# Default targets: attention projections, matched on the end of a Linear module's full name.
+# Default targets: the attention and MLP projections of every block, as kohya sd-scripts trains them
+# (its modulation layers aside), so that both paths put the same LoRA on the same model
+# (docs/lora_formats.md). Matched on the end of a Linear module's full name.
 _DEFAULT_TARGETS = (
     # diffusers (SD3 / Flux / Sana / Qwen-Image ...): q, k, v, out, and the joint-attention context stream
     r"(?:^|\.)(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+    # diffusers MLPs: SD3 / Flux feed-forwards (image and context streams), Flux single blocks' mlp-in and
+    # the single block's out projection (attention out + mlp-out, BFL's linear2)
+    r"(?:^|\.)ff(?:_context)?\.net\.(?:0\.proj|2)$",
+    r"(?:^|\.)single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)$",
     # ComfyUI / BFL names: Flux img_attn/txt_attn, SD3 MMDiT attn, Wan self_attn/cross_attn, Lumina attention
     r"(?:^|\.)\w*(?:attn|attention)\w*\.(?:qkv|proj|q|k|v|o|out)$",
+    # ComfyUI MLPs: Flux img_mlp / txt_mlp, SD3 MMDiT x_block / context_block mlp
+    r"(?:^|\.)(?:img|txt)_mlp\.(?:0|2)$",
+    r"(?:^|\.)(?:x_block|context_block)\.mlp\.(?:fc1|fc2)$",
     # ComfyUI Flux single blocks: linear1 = fused qkv + mlp-in, linear2 = attention out + mlp-out
     r"(?:^|\.)(?:linear1|linear2)$",
 )
@@ -150,10 +161,12 @@ def _name_examples(names: list[str], n: int = 12) -> str:
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Full names of the model's attention-projection Linear layers (the default LoRA targets).
+    """Full names of the model's attention and MLP projection Linear layers (the default LoRA targets).
 
-    Covers diffusers names (to_q/k/v, to_out.0, add_*_proj, to_add_out) and ComfyUI / BFL names
-    (img_attn.qkv, txt_attn.proj, single-block linear1/linear2, attn.qkv/proj, self_attn.q/k/v/o).
+    Covers diffusers names (to_q/k/v, to_out.0, add_*_proj, to_add_out, ff.net.0.proj / ff.net.2 and
+    their ff_context twins, single blocks' proj_mlp / proj_out) and ComfyUI / BFL / SAI names
+    (img_attn.qkv, txt_attn.proj, img_mlp.0/2, single-block linear1/linear2, attn.qkv/proj,
+    mlp.fc1/fc2, self_attn.q/k/v/o): the same weights of a FLUX or SD3 on both paths.
     """
     pattern = re.compile("|".join(_DEFAULT_TARGETS))
     linears = _linear_names(model)
@@ -392,11 +405,19 @@ def export_lora(
     fmt: str,
     metadata: dict | None = None,
     dtype: str = "fp32",
+    family: str | None = None,
+    naming: str | None = None,
 ) -> Path:
     """Write the LoRA to `path` (.safetensors) in `fmt` ("kohya", "peft" or "comfy"), atomically.
 
     `metadata` goes into the header; non-string values are stored as JSON (pass the training spec
     and metrics as "egrpo.spec" / "egrpo.metrics"). `dtype` is "fp32" (default), "bf16" or "fp16".
+    `naming` says whose module names the LoRA is keyed by: "diffusers" (a diffusers model),
+    "native" (a ComfyUI model), "own" (a model only this project loads: names kept, any format);
+    None detects FLUX / SD3 namings from the names and keeps others as they are. `family` ("flux",
+    "sd3", ...) is detected from the names when None. The file's keys are those its consumer reads
+    (docs/lora_formats.md); the number it maps is in the header as "egrpo.keys_mapped". Raises
+    ValueError, writing nothing, when the consumer would not map every key.
     """
     path = _check_path(path)
     if fmt not in FORMATS:
@@ -406,6 +427,9 @@ def export_lora(
     tensors = model_or_tensors if isinstance(model_or_tensors, dict) else lora_tensors(model_or_tensors)
     if not tensors:
         raise ValueError("no LoRA tensors to export")
+    if family is None and not isinstance(model_or_tensors, dict):  # a whole model names its family unambiguously
+        family = lora_names.naming_of(_linear_names(model_or_tensors))[0]
+    tensors, family, own = _for_consumer(tensors, fmt, family, naming)
     to = DTYPES[dtype]
 
     def w(t: torch.Tensor) -> torch.Tensor:
@@ -422,7 +446,41 @@ def export_lora(
         out[f"{prefix}.lora_down.weight"] = w(t.down)
         out[f"{prefix}.lora_up.weight"] = w(t.up)
         out[f"{prefix}.alpha"] = torch.tensor(float(t.alpha), dtype=torch.float32)  # 0-d; loaders call .item()
-    return atomic_save_safetensors(out, path, _header(tensors, fmt, metadata))
+    mapped = keys_mapped(out, fmt, list(tensors), family, own=own)
+    if mapped.mapped < mapped.total:
+        raise ValueError(refusal(fmt, mapped, family))
+    header = _header(tensors, fmt, metadata)
+    header["egrpo.keys_mapped"] = json.dumps(mapped.header(), sort_keys=True)
+    return atomic_save_safetensors(out, path, header)
+
+
+CONSUMER_NAMING = {"peft": "diffusers", "kohya": "native", "comfy": "native"}
+
+
+def _for_consumer(tensors: dict, fmt: str, family: str | None, naming: str | None):
+    """(tensors keyed by the consumer's module names, family, own-loader-only) for `fmt`."""
+    if naming == "own":
+        return tensors, family, True
+    detected_family, detected_naming = lora_names.naming_of(tensors)
+    family = family or detected_family
+    naming = naming or detected_naming
+    want = CONSUMER_NAMING[fmt]
+    if naming is None or naming == want:
+        return tensors, family, False
+    if family not in lora_names.RULES:
+        names = list(tensors)
+        raise ValueError(
+            f"LoRA format {fmt!r} needs {want} module names, and there is no published mapping from {naming} names "
+            f"for {family or 'this model family'} (only for {', '.join(lora_names.RULES)}); unmapped: "
+            f"{_name_examples(names, 8)}. Nothing was written; export it as "
+            f"{'peft' if naming == 'diffusers' else 'kohya or comfy'} (docs/lora_formats.md)"
+        )
+    convert = lora_names.to_native if want == "native" else lora_names.to_diffusers
+    try:
+        converted = convert(tensors, family)
+    except ValueError as e:
+        raise ValueError(f"LoRA format {fmt!r}: {e}. Nothing was written") from None
+    return {k: LoraTensors(*v) for k, v in converted.items()}, family, False
 
 
 def _detect_format(keys: list[str]) -> str:
@@ -465,11 +523,40 @@ def _split_key(key: str, fmt: str) -> tuple[str, str]:
     return name[len(prefix) :], part
 
 
+def _other_naming(model: nn.Module) -> tuple[str | None, str | None, list[str]]:
+    """(family, naming, the model's Linears in the other naming) for FLUX / SD3 models, so that a file
+    in either naming loads (a ComfyUI FLUX's LoRA into a diffusers FLUX and back)."""
+    linears = _linear_names(model)
+    family, naming = lora_names.naming_of(linears)
+    if family not in lora_names.RULES:
+        return family, naming, []
+    other: list[str] = []
+    for name in linears:
+        if naming == "diffusers":
+            hit = lora_names.native_name(family, name)
+            names = [hit[0]] if hit else []
+        else:
+            names = list(lora_names.diffusers_names(family, name) or ())
+        other += [n for n in names if n not in other]
+    return family, naming, other
+
+
+def _to_model_naming(tensors: dict[str, LoraTensors], model: nn.Module) -> dict[str, LoraTensors]:
+    family, naming, _ = _other_naming(model)
+    file_family, file_naming = lora_names.naming_of(tensors)
+    if family and file_family and family != file_family:
+        raise _mismatch(next(iter(tensors)), f"a {file_family} LoRA cannot load into a {family} model")
+    if naming is None or file_naming is None or file_naming == naming or (family or file_family) not in lora_names.RULES:
+        return tensors
+    convert = lora_names.to_native if naming == "native" else lora_names.to_diffusers
+    return {k: LoraTensors(*v) for k, v in convert(tensors, family or file_family).items()}
+
+
 def _kohya_resolver(model: nn.Module):
     """Map a kohya '_'-joined stem to the model's module path (names contain '_', so match, not split)."""
     by_stem: dict[str, list[str]] = {}
     linears = _linear_names(model)
-    for name in linears:
+    for name in linears + _other_naming(model)[2]:
         by_stem.setdefault(_kohya_stem(name), []).append(name)
 
     def resolve(stem: str) -> str:
@@ -495,6 +582,8 @@ def read_lora(
     so pass `model` to map them back to module paths; without it kohya modules are keyed by their
     '_'-joined stem. Peft files carry no alpha (folded), so their alpha is the rank (scale 1).
     Metadata is the header's string dict, with "egrpo.spec" / "egrpo.metrics" decoded from JSON.
+    With `model`, a FLUX / SD3 file in the other naming (native vs diffusers) is converted to the
+    model's (lora_names.py).
     """
     from safetensors import safe_open
 
@@ -527,6 +616,8 @@ def read_lora(
             )
         alpha = float(p["alpha"].item()) if "alpha" in p else float(down.shape[0])
         tensors[name] = LoraTensors(down, up, alpha)
+    if model is not None:
+        tensors = _to_model_naming(tensors, model)
 
     metadata: dict = dict(header)
     for key in JSON_METADATA_KEYS:
@@ -536,6 +627,18 @@ def read_lora(
             except json.JSONDecodeError:
                 pass  # a plain string written by another tool: keep it as is
     return tensors, fmt, metadata
+
+
+def keys_mapped_of(path: str | os.PathLike) -> dict:
+    """{"consumer", "mapped", "total"} as export_lora recorded it in the file's header ({} if absent)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_check_path(path)), framework="pt", device="cpu") as f:
+        value = (f.metadata() or {}).get("egrpo.keys_mapped")
+    try:
+        return json.loads(value) if value else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def load_lora_file(model: nn.Module, path: str | os.PathLike) -> dict:

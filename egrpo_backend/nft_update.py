@@ -132,8 +132,10 @@ class NFTUpdate:
             samples = ode_rollout(velocity, list(t.plan.sigmas), [stream_generator(cfg.seed, "rollout", it, s)
                                                                   for s in slots], algo.group_size)
         rollout_nfe = velocity.nfe
+        t.safe_point()
         # 2. Score: [P, 1, G] rewards of this rank's prompts.
         scores = t.score(samples, prompts, phases)
+        t.safe_point()
         # 3. Optimality probability over every rank's rewards (the batch std spans the whole batch): [P, G].
         all_rewards = distributed.all_concat(scores.rewards)[:, 0]  # [P_all, G]
         r_all = optimality_probability(all_rewards, clip=algo.advantage_clip, advantage=algo.advantage)

@@ -1,14 +1,17 @@
-"""PNG pictures people would rather look at: the entropy plan, reward curves and sample grids.
+"""PNG pictures people would rather look at: the entropy plan, reward curves and sample grids
+(animated WebP for video samples).
 
-All writers are atomic (render to a temp file, then rename) and use matplotlib's Agg backend, so
+All writers are atomic (rendered in memory, written to a temp file, renamed) and use matplotlib's Agg backend, so
 they work headless and inside ComfyUI's process.
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_write_bytes
 
 
 def _figure(width=8.0, height=3.6):
@@ -21,9 +24,12 @@ def _figure(width=8.0, height=3.6):
 
 
 def _save(plt, fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+    buf = io.BytesIO()  # rendered first: a full disk is then named with the exact bytes needed
+    try:
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_entropy_plan(plan, path) -> None:
@@ -95,13 +101,39 @@ def plot_reward_curves(curves: dict[str, list[tuple[float, float]]], path, xlabe
     _save(plt, fig, path)
 
 
+VIDEO_FPS = 16  # frame rate of animated WebP samples (Wan's; any rate shows the motion)
+
+
 def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int = 4) -> None:
-    """Save a grid of images (each row: a tensor [N, C, H, W] in [0, 1]) as one PNG, nearest-upscaled."""
+    """Save a grid of images (each row: a tensor [N, C, H, W] in [0, 1]) as one PNG, nearest-upscaled.
+    Rows of videos [N, F, C, H, W] make an animated WebP of F grids (path must end in .webp)."""
+    video = rows[0].ndim == 5
+    if video != str(path).endswith(".webp"):
+        raise ValueError(f"{path}: a grid of {'videos' if video else 'images'} is saved as "
+                         f"{'.webp (animated)' if video else '.png'}")
+    if not video:
+        img = _grid_picture([r.detach().float().cpu() for r in rows], row_labels, scale)
+        buf = io.BytesIO()  # rendered first: a full disk is then named with the exact bytes needed
+        img.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
+        return
+    frames = [_grid_picture([r[:, f].detach().float().cpu() for r in rows], row_labels, scale) for f in range(rows[0].shape[1])]
+    # lossless: the samples show what the reward saw. libwebp stores identical consecutive frames once
+    # with their durations summed (the clip keeps its length); a grid whose frames are all the same is
+    # written as one still picture.
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / VIDEO_FPS),
+                   loop=0, lossless=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _grid_picture(rows: list, row_labels: list[str] | None, scale: int):
+    """One PIL picture: the rows of images [N, C, H, W] side by side, upscaled, labelled at the left."""
     from PIL import Image, ImageDraw
 
     tiles = []
     for r in rows:
-        a = (r.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)  # [N, C, H, W]
+        a = (r.clamp(0, 1).numpy() * 255).round().astype(np.uint8)  # [N, C, H, W]
         a = np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a[:, :3]
         a = np.pad(a, ((0, 0), (0, 0), (0, 0), (0, 1)), constant_values=255)  # a white gap between images
         tiles.append(np.concatenate(list(a.transpose(0, 2, 3, 1)), axis=1))  # [H, N*(W+1), 3]
@@ -118,6 +150,4 @@ def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int
         for i, label in enumerate(row_labels):
             draw.text((4, int(i * step + step / 2 - 5)), label, fill="black")
         img = canvas
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
+    return img

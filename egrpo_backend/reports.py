@@ -11,10 +11,12 @@ from .job_files import job_subdir
 
 
 def write_sample_grid(job_dir: Path, iteration: int, images: torch.Tensor, group_size: int) -> str:
-    """samples/iter_NNNNNN.png, one row per group (G consecutive images); returns the path within the job."""
+    """samples/iter_NNNNNN.png, one row per group (G consecutive images); videos [k, F, C, H, W] go to an
+    animated samples/iter_NNNNNN.webp of F frames. Returns the path within the job."""
     from .plots import image_grid
 
-    path = job_subdir(job_dir, "samples") / f"iter_{iteration:06d}.png"
+    suffix = ".webp" if images.ndim == 5 else ".png"
+    path = job_subdir(job_dir, "samples") / f"iter_{iteration:06d}{suffix}"
     image_grid([images[i : i + group_size] for i in range(0, len(images), group_size)], path)
     return str(path.relative_to(job_dir))
 

@@ -35,6 +35,7 @@ from .unit_ids import global_unit_ids
 
 log = logging.getLogger(__name__)
 SAMPLE_GROUPS = 4  # groups whose images a step returns for sample grids
+ENCODE_CHUNK = 256  # prompts encoded ahead at once (whole iterations, at least one; docs/prompts.md)
 
 
 def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int) -> float:
@@ -47,6 +48,11 @@ def lr_at(iteration: int, base_lr: float, total: int, schedule: str, warmup: int
     if schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     return base_lr * (1 - progress)
+
+
+class IterationAbandoned(Exception):
+    """A stop asked for at a safe point inside an iteration (between rollout, reward and update): the
+    iteration's partial work is dropped and the state is the last finished iteration's, checkpointable."""
 
 
 @dataclass
@@ -76,10 +82,12 @@ def _gathered_stats(stats: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, policy: FlowPolicy, spec: JobSpec, reward: WeightedRewards, prompts: list[str]):
-        if not prompts:
+    def __init__(self, policy: FlowPolicy, spec: JobSpec, reward: WeightedRewards, prompts):
+        """prompts: a list, or any sequence with len() and [i] (a streamed prompt_sets.PromptSet)."""
+        if not len(prompts):
             raise ValueError("no training prompts; give at least one prompt")
-        self.policy, self.spec, self.reward, self.prompts = policy, spec, reward, list(prompts)
+        self.policy, self.spec, self.reward = policy, spec, reward
+        self.prompts = prompts if hasattr(prompts, "__getitem__") else list(prompts)
         self.algo, self.cfg = spec.algorithm, spec.train
         self.plan = self.algo.plan()
         if not policy.trainable_parameters():
@@ -97,8 +105,12 @@ class Trainer:
             # FLUX / SD3.5 sizes (bench/results/scale_h200.md); flash / memory-efficient attention do not.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.state = TrainerState()
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> its prompt order (the current and the next)
+        self.on_encode = None  # callable(done, total): progress of the prompts encoded ahead
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
         self.nft = NFTUpdate(self) if self.algo.loss == "nft" else None  # DiffusionNFT's iteration and old policy
+        self.stop_requested = lambda: False  # asked at each safe point between phases (jobs.py: a graceful cancel)
+        self._at_start = None
 
     # --- data ----------------------------------------------------------------------------------
     def next_prompts(self) -> tuple[list[str], list[int]]:
@@ -106,11 +118,40 @@ class Trainer:
         n, prompts, slots = len(self.prompts), [], []
         for _ in range(self.cfg.prompts_per_iteration):
             epoch, pos = divmod(self.state.cursor, n)
-            order = torch.randperm(n, generator=stream_generator(self.cfg.seed, "prompt_order", epoch))
-            prompts.append(self.prompts[order[pos]])
+            prompts.append(self.prompts[int(self._order(epoch)[pos])])
             slots.append(self.state.cursor)
             self.state.cursor += 1
         return prompts, slots
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The epoch's shuffle (seed semantics unchanged: one randperm per epoch), computed once."""
+        if epoch not in self._orders:
+            n = len(self.prompts)
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            # int32 halves the memory of a 10M-prompt order; randperm draws the same permutation in either dtype
+            dtype = torch.int32 if n < 2**31 else torch.int64
+            self._orders[epoch] = torch.randperm(n, dtype=dtype, generator=stream_generator(self.cfg.seed, "prompt_order", epoch))
+        return self._orders[epoch]
+
+    def upcoming(self, iterations: int) -> list[str]:
+        """This rank's prompts of the next `iterations` iterations, without consuming them."""
+        cursor, out = self.state.cursor, []
+        try:
+            for _ in range(iterations):
+                out += distributed.local_share(*self.next_prompts(), self.rank, self.world)[0]
+        finally:
+            self.state.cursor = cursor
+        return out
+
+    def encode_ahead(self) -> int:
+        """When the next iteration's prompts are not all encoded, encode them and those of the iterations
+        after, ENCODE_CHUNK prompts in all, in one session of the text encoders. Returns how many."""
+        ahead = getattr(self.policy, "encode_ahead", None)
+        if ahead is None or not self.policy.uncached(self.upcoming(1)):
+            return 0
+        iterations = max(1, ENCODE_CHUNK // max(1, self.cfg.prompts_per_iteration // self.world))
+        iterations = min(iterations, max(1, self.cfg.iterations - self.state.iteration))
+        return ahead(self.upcoming(iterations), self.on_encode)
 
     def velocity_for(self, prompts: list[str]) -> GuidedVelocity:
         return GuidedVelocity(self.policy, self.policy.encode(prompts), uncond=self.uncond,
@@ -122,6 +163,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(it, self.cfg.lr, self.cfg.iterations, self.cfg.lr_schedule, self.cfg.warmup_iterations)
         phases = PhaseTimer(self.policy.device)
+        self._at_start = (self.state.cursor, torch.get_rng_state())  # what a safe point restores when it stops
+        with phases("encode"):  # the prompts of the next iterations, ahead of use (docs/prompts.md)
+            self.encode_ahead()
         if self.nft:  # DiffusionNFT: ODE rollouts of the old policy, the negative-aware loss (nft_update.py)
             return self.nft.step(it, phases)
 
@@ -134,8 +178,10 @@ class Trainer:
                          group_size=algo.group_size, granularities=algo.granularities, sde_window=algo.sde_window,
                          shared_initial_noise=algo.shared_initial_noise, granularity_grid=algo.granularity_grid,
                          window_last_step=self.plan.active[-1] if algo.window_within_active else None)
+        self.safe_point()
         # 2. Score: decode and reward in bounded chunks -> [NG, n_gran, G].
         scores = self.score(ro, prompts, phases)
+        self.safe_point()
         # 3. Advantages within each group: [NG, n_gran, G] -> [NG, G].
         per_reward = algo.reward_mode == "per_reward" and len(scores.components) > 1
         adv = advantages(scores.rewards, advantage=algo.advantage, clip=algo.advantage_clip, group_prompt=ro.group_prompt,
@@ -149,6 +195,14 @@ class Trainer:
         metrics = self._metrics(self._gathered(scores), distributed.all_concat(adv), starts, rollout_nfe, upd, phases)
         self.state.history.append(metrics)
         return StepResult(metrics, scores.images, prompts)
+
+    def safe_point(self) -> None:
+        """Between two phases: when a stop is requested, drop this iteration (nothing was updated yet:
+        the prompt cursor and RNG go back to its start) and raise IterationAbandoned."""
+        if self.stop_requested():
+            self.state.cursor, rng = self._at_start
+            torch.set_rng_state(rng)
+            raise IterationAbandoned(f"stopped between phases of iteration {self.state.iteration + 1}")
 
     def score(self, ro: Rollout, prompts: list[str], phases: PhaseTimer) -> Scores:
         """Decode and reward every member's clean latents, at most train.decode_batch images of ONE

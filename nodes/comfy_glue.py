@@ -71,6 +71,25 @@ def reward_dirs() -> list[str]:
     return list(fp.get_folder_paths(REWARD_FOLDER))
 
 
+def lora_folders() -> list[str]:
+    """ComfyUI's loras folders (models/loras and extra_model_paths.yaml's), or [] outside ComfyUI."""
+    fp = _folder_paths()
+    return [str(p) for p in fp.get_folder_paths("loras")] if fp else []
+
+
+def lora_files() -> list[tuple[str, str]]:
+    """(name as LoraLoader lists it, full path) of every file in ComfyUI's loras folders; [] outside ComfyUI."""
+    fp = _folder_paths()
+    if fp is None:
+        return []
+    out = []
+    for name in fp.get_filename_list("loras"):
+        path = fp.get_full_path("loras", name)
+        if path:
+            out.append((name, path))
+    return out
+
+
 def comfy_root() -> str:
     """ComfyUI's root folder (where main.py and comfy/ live), or '' outside ComfyUI."""
     fp = _folder_paths()

@@ -7,8 +7,9 @@ runs at a time (they share the GPU); the others wait in a FIFO queue that is sav
 (job_queue.py), so a restart resumes the line in order. A monitor thread tails the running job's
 events.jsonl and forwards every event to the browsers as the websocket event "egrpo.event" with
 data {"job": id, **event}. Events the manager adds itself: "queued" (with position), "process"
-(child started, with pid), "exit" (child ended, with returncode, None when unknown) and, when a
-child dies without writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
+(child started, with pid), "exit" (child ended, with returncode, None when unknown), "cancel" (the
+child answered a graceful cancel: it stops at its next safe point) and, when a child dies without
+writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
 
 What is true about a job comes from its folder, never from a guess:
 - A job runs exactly while a process holds its process.lock (egrpo_backend/job_process.py). A pid
@@ -37,9 +38,11 @@ from typing import Callable
 
 from egrpo_backend import job_process
 from egrpo_backend import jobs as backend_jobs
+from egrpo_backend.cancel import ACK_FILE
 from egrpo_backend.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
 
+from . import job_view
 from .job_queue import JobQueue
 
 log = logging.getLogger("egrpo")
@@ -50,6 +53,7 @@ FINAL = ("finished", "cancelled", "stopped", "failed")
 LOG_FILE = "child.log"
 QUEUE_FILE = "queue.json"
 LAUNCH_FILE = "launch.json"  # how the manager starts the job: {"gpus": N} (N > 1: torchrun, one rank per GPU)
+KILL_AFTER_ENV = "EGRPO_CANCEL_ANSWER_SECONDS"  # seconds a child has to answer a graceful cancel (default 60)
 RUN_ENV = "EGRPO_MANAGED_JOB"  # set to the job folder in the child's environment; torchrun's ranks inherit it
 
 
@@ -64,7 +68,7 @@ class _Running:
         self.job_id, self.path, self.proc, self.log_file = job_id, path, proc, log_file
         self.offset = 0
         self.kill_at: float | None = None
-        self.cancel_requested = self.signalled = False
+        self.cancel_requested = self.signalled = self.forced = False
 
     def ended(self) -> bool:
         if self.proc is not None:
@@ -99,13 +103,16 @@ class _Running:
 class JobManager:
     def __init__(self, root, loras_dir=None, send: Callable[[str, dict], None] | None = None,
                  python: str = sys.executable, env: dict | None = None, poll_seconds: float = 0.5,
-                 kill_after: float = 60.0):
+                 kill_after: float | None = None):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.loras_dir = Path(loras_dir).resolve() if loras_dir else None
         self.send = send or (lambda event, data: None)
         self.python, self.extra_env = python, dict(env or {})
-        self.poll_seconds, self.kill_after = poll_seconds, kill_after
+        # A graceful cancel kills only a child that does not answer it (cancel.ACK_FILE) within kill_after seconds;
+        # one that answers is waited for until its next safe point, however long its phase takes.
+        self.poll_seconds = poll_seconds
+        self.kill_after = float(os.environ.get(KILL_AFTER_ENV, 60.0)) if kill_after is None else kill_after
         self._lock = threading.RLock()
         self._queue = JobQueue(self.root / QUEUE_FILE)
         self._running: _Running | None = None
@@ -206,8 +213,9 @@ class JobManager:
 
     # --- cancel / delete -------------------------------------------------------------------------
     def cancel(self, job_id: str, force: bool = False) -> dict:
-        """Queued: dropped. Running: stops after its current iteration and writes its LoRA;
-        force (or no exit within kill_after seconds): killed at once, the last checkpoint's LoRA exported."""
+        """Queued: dropped. Running: stops at its next safe point between phases and writes its checkpoint
+        and LoRA (the last finished iteration's), however long that takes once the child has answered;
+        force (or no answer within kill_after seconds): killed at once, the last checkpoint's LoRA exported."""
         path = self._existing(job_id)
         with self._lock:
             if self._queue.remove(job_id):
@@ -225,11 +233,15 @@ class JobManager:
                     return self.get(job_id)
                 raise JobError(f"job {job_id!r} is not running or queued" if not job_process.job_running(path) else
                                f"job {job_id!r} runs in another process, not started by this ComfyUI: it can be "
-                               "cancelled (after its current iteration) but not killed from here")
-            run.cancel_requested = True
-            (path / job_process.CANCEL_FILE).write_text(str(time.time()))
+                               "cancelled (at its next safe point) but not killed from here")
+            first = not run.cancel_requested  # a repeated graceful cancel changes nothing (an answer stands)
+            run.cancel_requested, run.forced = True, run.forced or force
+            if first:
+                (path / ACK_FILE).unlink(missing_ok=True)  # an answer counts only when it comes after this request
+                (path / job_process.CANCEL_FILE).write_text(str(time.time()))
             self._signal_cancel(run)
-            run.kill_at = time.time() + (0 if force else self.kill_after)
+            if force or first:
+                run.kill_at = time.time() + (0 if force else self.kill_after)
             if force:
                 self.tick()
         return self.get(job_id)
@@ -287,22 +299,29 @@ class JobManager:
             shown, message = "failed", backend_jobs.PROCESS_ENDED
         else:
             shown = saved
-        last = self._last.get(job_id) or self._last_metrics(path)
+        events, _ = backend_jobs.read_events(path)
+        last = self._last.get(job_id) or next((e for e in reversed(events) if e["type"] == "metrics"), {})
         total = status.get("total") or spec.get("train", {}).get("iterations") or 0
         lora = status.get("lora")
+        if lora and not Path(lora).is_file():  # a cancelled or failed job whose LoRA was never written shows none
+            lora = None
+        timing = job_view.eta(events, total - status.get("iteration", 0)) if shown == "running" else {}
         world = status.get("world_size") if shown == "running" or not state else None
         return {
             "id": job_id, "name": spec.get("output", {}).get("name", job_id), "status": shown,
             "iteration": status.get("iteration", 0), "total": total,
             "progress": (status.get("iteration", 0) / total) if total else 0.0,
-            "eta_seconds": last.get("eta_seconds") if shown == "running" else None,
+            "eta_seconds": timing.get("eta_seconds"), "eta_low": timing.get("eta_low"),
+            "eta_high": timing.get("eta_high"), "eta_stable": timing.get("eta_stable", False),
+            **job_view.identity(job_id, spec, events), "folder": str(path),
             "reward_mean": last.get("reward_mean"), "message": message,
             "lora": lora, "lora_name": self.lora_name(lora), "model": spec.get("model", {}).get("source"),
             "gpus": launch_gpus(path), "world_size": int(world or launch_gpus(path)),
             "created": (path / "job.json").stat().st_mtime, "updated": status.get("updated"),
             "resumable": shown in ("stopped", "cancelled", "failed", "created") and not state,
-            "files": [f for f in ("plan.png", "reward_curve.png") if (path / f).is_file()],
-            "samples": sorted(p.name for p in (path / "samples").glob("*.png"))[-4:] if (path / "samples").is_dir() else [],
+            "files": [f for f in ("plan.png", "reward_curve.png", "before_after.png", "before_after.webp") if (path / f).is_file()],
+            "samples": sorted(p.name for p in (path / "samples").glob("iter_*.*") if p.suffix in (".png", ".webp"))[-4:]
+            if (path / "samples").is_dir() else [],  # .webp: a video model's animated samples
         }
 
     def lora_name(self, lora: str | None) -> str | None:
@@ -319,18 +338,9 @@ class JobManager:
         return backend_jobs.read_events(self._existing(job_id), max(0, int(offset)))
 
     def metrics(self, job_id: str) -> dict:
+        """The panel's charts (job_view.curves): train, eval, components, before_after, plan, errors."""
         events, _ = self.events(job_id)
-        train = [{k: e.get(k) for k in ("iteration", "reward_mean", "reward_std", "clip_frac", "nfe_total", "seconds")}
-                 for e in events if e["type"] == "metrics"]
-        evals = [{k: e.get(k) for k in ("iteration", "reward_mean", "reward_ci", "diversity")}
-                 for e in events if e["type"] == "eval"]
-        errors = [e.get("message") for e in events if e["type"] == "error"]
-        plan = next((e.get("plan") for e in reversed(events) if e["type"] == "start"), None)
-        return {"train": train, "eval": evals, "plan": plan, "errors": errors}
-
-    def _last_metrics(self, path: Path) -> dict:
-        events, _ = backend_jobs.read_events(path)
-        return next((e for e in reversed(events) if e["type"] == "metrics"), {})
+        return job_view.curves(events)
 
     # --- start-up: what a previous ComfyUI left ---------------------------------------------------
     def scan(self) -> list[str]:
@@ -426,6 +436,10 @@ class JobManager:
                 return
             self._forward(run)
             self._signal_cancel(run)
+            if run.kill_at is not None and not run.forced and (run.path / ACK_FILE).exists():
+                run.kill_at = None  # it answered: it stops at its next safe point, however long the phase in flight
+                self._emit(run.job_id, {"type": "cancel", "message": "stopping at the next safe point between phases; "
+                                        "the checkpoint and LoRA of the last finished iteration are kept"})
             if not run.ended() and run.kill_at is not None and time.time() >= run.kill_at:
                 self._kill(run)
             if not run.ended():
@@ -456,7 +470,7 @@ class JobManager:
         if not run.signal(signal.SIGKILL):
             if not run.ended():
                 msg = ("cannot prove which process runs this job on this system, so it is not killed; it stops "
-                       "after its current iteration (cancel file)")
+                       "at its next safe point between phases (cancel file)")
                 log.warning("E-GRPO job %s: %s", run.job_id, msg)
                 self._emit(run.job_id, {"type": "cancel", "message": msg})
                 return
@@ -473,6 +487,7 @@ class JobManager:
             ckpt = backend_jobs.latest_checkpoint(path)
             if ckpt is not None:
                 iteration = int(read_checkpoint(ckpt)["trainer"]["iteration"])
+            if iteration > 0:  # a checkpoint before any iteration holds an untrained LoRA: none is shown
                 spec = backend_jobs.load_spec(path)
                 lora = backend_jobs.export_job(path, spec.output.formats[0], spec=spec)  # (and its copy_to copy)
         except Exception as e:  # noqa: BLE001
@@ -481,7 +496,7 @@ class JobManager:
         reached = backend_jobs.read_status(path).get("iteration", 0)
         msg = (f"killed on cancel after iteration {reached}; " +
                (f"the LoRA is the last checkpoint's (iteration {iteration}); resume continues from there" if lora else
-                "it had no checkpoint yet, so there is no LoRA; resume starts from the beginning"))
+                "no checkpoint after iteration 0 existed, so there is no LoRA; resume starts from the beginning"))
         backend_jobs.write_status(path, status="cancelled", pid=None, iteration=iteration,
                                   lora=str(lora.resolve()) if lora else None, message=msg)
         backend_jobs.EventLog(path).emit("done", status="cancelled", iteration=iteration,
@@ -493,6 +508,7 @@ class JobManager:
         if run.log_file is not None:
             run.log_file.close()
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)  # addressed to a run that is over
+        (path / ACK_FILE).unlink(missing_ok=True)
         rc = run.exit_code()
         status = backend_jobs.read_status(path).get("status")
         if status in FINAL:
@@ -531,6 +547,7 @@ class JobManager:
         env[RUN_ENV] = str(path.resolve())  # marks every process of this run, torchrun's ranks included
         gpus = launch_gpus(path)
         (path / job_process.CANCEL_FILE).unlink(missing_ok=True)
+        (path / ACK_FILE).unlink(missing_ok=True)
         log_file = open(path / LOG_FILE, "ab")
         offset = (path / "events.jsonl").stat().st_size if (path / "events.jsonl").exists() else 0
         argv = [self.python, "-m", "egrpo_backend", command, str(path), "--quiet"]
@@ -602,7 +619,9 @@ def _mtime(path: Path) -> float:
 def _damaged(job_id: str, reason: str) -> dict:
     """The summary of a job whose folder cannot be read: shown, never hiding the other jobs."""
     return {"id": job_id, "name": job_id, "status": "damaged", "message": reason, "iteration": 0, "total": 0,
-            "progress": 0.0, "eta_seconds": None, "reward_mean": None, "lora": None, "lora_name": None, "model": None,
+            "progress": 0.0, "eta_seconds": None, "eta_low": None, "eta_high": None, "eta_stable": False, "reward_mean": None,
+            "lora": None, "lora_name": None, "model": None, "short_id": job_id[:8], "family": None, "preset": None,
+            "started": None, "folder": None,
             "gpus": 1, "world_size": 1,
             "created": None, "updated": None, "resumable": False, "files": [], "samples": []}
 

@@ -1,7 +1,13 @@
 """E-GRPO Prompt List: training prompts typed in, plus optionally a .txt file from ComfyUI's input folder.
 
 The file is a choice among the .txt files in ComfyUI's input folder (as core loaders offer files),
-never a free path: the node cannot be made to read other files on the server.
+never a free path: the node cannot be made to read other files on the server. A file the node would
+refuse (a link in input/ that leads outside it) is not offered.
+
+Saved graphs keep loading (docs/comfyui.md, "Old graphs"): the first release took `file` as free text
+(a name in input/ or an absolute path, "" for none). Those values still validate and mean today's
+choice: "" is no file, a name or an absolute path inside input/ is that file; a path outside input/ is
+refused with a message saying to copy the file into input/.
 """
 
 from __future__ import annotations
@@ -32,11 +38,38 @@ def _input_dir() -> Path | None:
 
 
 def prompt_files() -> list[str]:
-    """The .txt files under ComfyUI's input folder, as 'name.txt' or 'sub/name.txt' ([] outside ComfyUI)."""
+    """The .txt files under ComfyUI's input folder that the node would read, as 'name.txt' or
+    'sub/name.txt' ([] outside ComfyUI): a link that leads outside the folder is left out."""
     root = _input_dir()
     if root is None or not root.is_dir():
         return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.txt") if p.is_file())
+    names = []
+    for p in root.rglob("*.txt"):
+        name = p.relative_to(root).as_posix()
+        try:
+            prompt_file_path(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def current_choice(file) -> str:
+    """Today's combo value for a `file` value any released version accepted: "" (or blank, or None) is
+    NO_FILE; an absolute path inside the input folder is its name there; anything else is kept (and
+    checked by prompt_file_path). Raises ValueError for a path outside the input folder."""
+    if file is None or not str(file).strip() or file == NO_FILE:
+        return NO_FILE
+    text = str(file).strip().replace("\\", "/")
+    if Path(text).is_absolute():
+        root = _input_dir()
+        resolved = Path(text).resolve()
+        if root is None or (root.resolve() not in resolved.parents):
+            raise ValueError(f"prompt file {text!r} is outside ComfyUI's input folder"
+                             f"{f' ({root})' if root else ''}; earlier versions read any path, this one reads only "
+                             "input/: copy the file there and choose it in the list")
+        return resolved.relative_to(root.resolve()).as_posix()
+    return text
 
 
 def prompt_file_path(name: str) -> Path:
@@ -77,21 +110,35 @@ class PromptListNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, file=NO_FILE):
+        """Replaces ComfyUI's list check for `file` (so a saved graph's "" or old path loads): True for any
+        value that names a readable file today, else the reason."""
+        try:
+            choice = current_choice(file)
+            if choice != NO_FILE:
+                prompt_file_path(choice)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, prompts, file=NO_FILE):
         """Re-run when the chosen file changes on disk, not only when another file is chosen."""
-        if not file or file == NO_FILE:
-            return prompts
         try:
-            st = os.stat(prompt_file_path(file))
-            return (prompts, file, st.st_mtime_ns, st.st_size)
+            choice = current_choice(file)
+            if choice == NO_FILE:
+                return prompts
+            st = os.stat(prompt_file_path(choice))
+            return (prompts, choice, st.st_mtime_ns, st.st_size)
         except (OSError, ValueError):
             return (prompts, file)
 
     @classmethod
     def execute(cls, prompts, file=NO_FILE) -> io.NodeOutput:
         out = parse_prompts(prompts)
-        if file and file != NO_FILE:
-            out += parse_prompts(prompt_file_path(file).read_text(encoding="utf-8"))
+        choice = current_choice(file)
+        if choice != NO_FILE:
+            out += parse_prompts(prompt_file_path(choice).read_text(encoding="utf-8"))
         if not out:
             raise ValueError("the prompt list is empty: type at least one prompt (one per line) or choose a .txt file")
         return io.NodeOutput(out, len(out))

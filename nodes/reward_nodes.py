@@ -26,6 +26,8 @@ HINTS = {
     "hpsv2": "HPSv2 human-preference score (needs its weights).",
     "imagereward": "ImageReward preference model (needs its weights).",
     "laion_aesthetic": "LAION aesthetic predictor (needs its weights).",
+    "temporal_consistency": "Video models: how alike consecutive frames are (1 = still); combine it with an image "
+                            "reward, alone it favours still clips.",
 }
 
 
@@ -56,6 +58,17 @@ def score_images(reward: list[dict], images, prompts: list[str]):
     return WeightedRewards(built, [float(r.get("weight", 1.0)) for r in reward])(image_to_nchw(images), prompts)
 
 
+def frames_option(name: str, text: str) -> dict:
+    """The node's frames text as the spec's option: {} for 'all', {"frames": k} for a number k >= 1."""
+    text = str(text).strip().lower()
+    if text in ("", "all"):
+        return {}
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"reward {name!r}: frames must be 'all' or a whole number >= 1 (evenly spaced frames of each "
+                         f"video it scores), got {text!r}")
+    return {"frames": int(text)}
+
+
 def _reward_node(name: str) -> type[io.ComfyNode]:
     class RewardNode(io.ComfyNode):
         @classmethod
@@ -64,14 +77,17 @@ def _reward_node(name: str) -> type[io.ComfyNode]:
                 node_id=f"EGRPOReward_{name}", display_name=f"E-GRPO Reward: {name}", category=f"{types.CATEGORY}/rewards",
                 description=HINTS.get(name, f"The backend's {name!r} reward."),
                 inputs=[io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
-                                       tooltip="Weight of this reward in a combination (1 when used alone).")],
+                                       tooltip="Weight of this reward in a combination (1 when used alone)."),
+                        io.String.Input("frames", default="all", optional=True, advanced=True,
+                                        tooltip="Video models: 'all' frames of each clip, or k evenly spaced ones "
+                                                "(an image reward scores each and takes the mean). Images: leave 'all'.")],
                 outputs=[types.Reward.Output(display_name="reward", tooltip="This reward with its weight, for E-GRPO "
                                                                             "Train LoRA, Combine Rewards or Score Images.")],
             )
 
         @classmethod
-        def execute(cls, weight) -> io.NodeOutput:
-            entry = {"name": name, "weight": float(weight)}
+        def execute(cls, weight, frames="all") -> io.NodeOutput:
+            entry = {"name": name, "weight": float(weight), **frames_option(name, frames)}
             if _takes_reward_dir(name):  # model-based rewards find their files in models/egrpo_rewards
                 entry["reward_dir"] = comfy_glue.reward_dirs()
             return io.NodeOutput([entry])

@@ -3,7 +3,8 @@
   GET    /egrpo/jobs                         list of job summaries (newest first)
   GET    /egrpo/jobs/{job}                   one summary
   GET    /egrpo/jobs/{job}/events?offset=N   events from byte N, and the next offset
-  GET    /egrpo/jobs/{job}/metrics           train / eval reward curves, plan, errors
+  GET    /egrpo/jobs/{job}/metrics           curves for the panel (nodes/job_view.py): train (reward, components,
+                                             clip fraction, KL, grad norm, lr, phases), eval, before/after, plan
   POST   /egrpo/jobs/{job}/cancel            ?force=1 kills at once
   POST   /egrpo/jobs/{job}/resume
   DELETE /egrpo/jobs/{job}
@@ -22,7 +23,9 @@ from .job_manager import JobError, JobManager
 PREFIX = "/egrpo"
 SERVED = {  # (folder inside the job, file name suffix) -> content type; anything else is a 404
     ("", "plan.png"): "image/png", ("", "reward_curve.png"): "image/png", ("", "metrics.json"): "application/json",
+    ("", "before_after.png"): "image/png", ("", "before_after.webp"): "image/webp",  # the fixed-seed grid (video: WebP)
     ("samples", ".png"): "image/png", ("lora", ".safetensors"): "application/octet-stream",
+    ("samples", ".webp"): "image/webp",  # a video model's samples: animated WebP
 }
 
 
@@ -32,7 +35,7 @@ def served_type(rel: str) -> str:
     for (where, suffix), kind in SERVED.items():
         if folder == where and name.endswith(suffix) and (where or name == suffix):
             return kind
-    raise FileNotFoundError(f"{rel!r} is not a file the routes serve (plots, samples/*.png, lora/*.safetensors)")
+    raise FileNotFoundError(f"{rel!r} is not a file the routes serve (plots, samples/*.png|webp, lora/*.safetensors)")
 
 
 def _guard(fn):

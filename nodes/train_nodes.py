@@ -97,18 +97,42 @@ def comfy_model_files(model, vae, vae_name: str = "") -> dict:
 
 
 def encode_prompts(clip, prompts: list[str], path: Path) -> None:
-    """Encode each prompt with the node's CLIP once, in ComfyUI's process; the child reads the file."""
-    from egrpo_backend.atomic import atomic_save_safetensors
+    """Encode each prompt with the node's CLIP once, in ComfyUI's process, and store its WHOLE conditioning
+    (every tensor and option `encode_from_tokens_scheduled` returns; policies/comfy_conds.py) for the child."""
+    from egrpo_backend.policies.comfy_conds import write_comfy_conds
 
-    tensors, meta = {}, []
-    for i, p in enumerate(prompts):
-        cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
-        c, extra = cond[0][0], cond[0][1]
-        tensors[f"cond.{i}"] = c.detach().float().cpu().contiguous().clone()
-        if extra.get("pooled_output") is not None:
-            tensors[f"pooled.{i}"] = extra["pooled_output"].detach().float().cpu().contiguous().clone()
-        meta.append(p)
-    atomic_save_safetensors(tensors, path, metadata={"prompts": json.dumps(meta)})
+    write_comfy_conds({p: clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in prompts}, path)
+
+
+def comfy_graph_keys(model, shift: float, plan) -> dict:
+    """model.comfy keys for what the graph did to the MODEL (LoRAs, ModelSampling), or a node error naming
+    what cannot be carried (nodes/graph_patches.py) or what the model needs besides prompts."""
+    from egrpo_backend.policies.comfy_graph import image_input_needed
+
+    from .graph_patches import equivalent_shift, record_graph_patches
+
+    base = getattr(getattr(model, "patcher", model), "model", None)
+    why = image_input_needed(base) if base is not None else None
+    if why:
+        raise ValueError(f"{why}; E-GRPO trains on prompts only (no (prompt, reference image) pairs yet): load the "
+                         "text-to-image / text-to-video model of this family")
+    keys = record_graph_patches(model)
+    graph_shift = equivalent_shift(keys["model_sampling"])
+    if plan is None and graph_shift is not None and abs(graph_shift - shift) > 1e-3 * max(1.0, graph_shift):
+        raise ValueError(f"the MODEL's ModelSampling node shifts the sampler's schedule by {graph_shift:.4g} but the "
+                         f"shift input is {shift:.4g}: the training grid would not be the one the graph samples; set "
+                         f"shift to {graph_shift:.4g} (or remove the ModelSampling node)")
+    return keys
+
+
+def check_latent(model, width: int, height: int, length: int) -> None:
+    """The job's latent shape for this MODEL (egrpo_backend/policies/comfy_latents.py), checked here so that
+    frames on an image model, or an audio / 3D model, are the node's error and not a failed job."""
+    from egrpo_backend.policies.comfy_latents import latent_shape
+
+    latent_format = getattr(getattr(getattr(model, "patcher", model), "model", None), "latent_format", None)
+    if latent_format is not None:
+        latent_shape(latent_format, None, width, height, length)
 
 
 class TrainLoraNode(io.ComfyNode):
@@ -159,9 +183,10 @@ class TrainLoraNode(io.ComfyNode):
                 io.String.Input("vae_name", default="", optional=True, advanced=True,
                                 tooltip="source = comfy: VAE file name in models/vae when the VAE's file cannot be "
                                         "found from the VAE input."),
-                io.Float.Input("guidance", default=ComfySpec.guidance, min=0.0, max=100.0, step=0.1, optional=True,
-                               advanced=True, tooltip="source = comfy: distilled guidance of guidance-embedded models "
-                                                      "(Flux-dev); ignored by others."),
+                io.Float.Input("guidance", default=ComfySpec.guidance, min=-1.0, max=100.0, step=0.1, optional=True,
+                               advanced=True, tooltip="source = comfy: -1 = as the graph samples (the model's own "
+                                                      "default: 3.5 for Flux-dev, none for Chroma); 0 or more = what "
+                                                      "a FluxGuidance node would set, on every prompt."),
                 io.Int.Input("width", default=ComfySpec.width, min=64, max=4096, step=16, optional=True,
                              tooltip="source = comfy: width in pixels of the images the job samples and scores "
                                      "(a multiple of 16); the embedded digits model is always 16 x 16."),
@@ -180,6 +205,10 @@ class TrainLoraNode(io.ComfyNode):
                                 tooltip="JSON merged into the job spec for settings without an input here, e.g. "
                                         "{\"train\": {\"minibatches\": 4}}. Every key is applied or refused by "
                                         "name (a key an input sets is refused: set the input)."),
+                # last, so saved graphs keep their widget order
+                io.Int.Input("length", default=ComfySpec.length, min=1, max=10000, step=4, optional=True,
+                             tooltip="source = comfy, video models (Wan, HunyuanVideo): frames per sample, as "
+                                     "ComfyUI's empty video latent nodes take it (e.g. 33, 81); 1 for image models."),
             ],
             outputs=[types.Job.Output(display_name="job", tooltip="The job, for an E-GRPO Job node."),
                      io.String.Output(display_name="job_id", tooltip="The job's id: its folder in output/egrpo_jobs "
@@ -190,9 +219,10 @@ class TrainLoraNode(io.ComfyNode):
     def execute(cls, source, reward, name, preset, iterations, group_size, prompts_per_iteration, steps, shift, eta,
                 tau, active, lr, clip_range, lora_rank, seed, prompts=None, model=None, clip=None, vae=None,
                 vae_name="", guidance=ComfySpec.guidance, width=ComfySpec.width, height=ComfySpec.height, plan=None,
-                device="auto", gpus=1, spec_overrides="") -> io.NodeOutput:
+                device="auto", gpus=1, spec_overrides="", length=ComfySpec.length) -> io.NodeOutput:
         from egrpo_backend.config import JobSpec
         from egrpo_backend.paths import check_name
+        from egrpo_backend.preflight import preflight
 
         check_name(name, "name")
         if not reward:
@@ -209,12 +239,14 @@ class TrainLoraNode(io.ComfyNode):
             if not prompts:
                 raise ValueError("source = comfy needs prompts: connect an E-GRPO Prompt List")
             files = comfy_model_files(model, vae, vae_name)
+            graph = comfy_graph_keys(model, shift, plan)
+            check_latent(model, width, height, length)
             identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
             spec["model"]["path"] = files["path"]
             # Overrides cannot hold these keys (refused above): anything left there is unknown and JobSpec names it.
             spec["model"]["comfy"] = {**spec["model"].get("comfy", {}), "comfy_root": comfy_glue.comfy_root(),
                                       "kind": files["kind"], "vae": files["vae"], "guidance": guidance,
-                                      "width": width, "height": height}
+                                      "width": width, "height": height, "length": length, **graph}
         elif prompts is None:
             spec["prompts"] = []
         job_id = job_id_for(name, spec, identity, gpus)
@@ -222,10 +254,8 @@ class TrainLoraNode(io.ComfyNode):
         if source == "comfy":
             spec["model"]["comfy"]["cond_cache"] = str(job_dir / "conds.safetensors")
         job = JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
-        job_checks.check_prompts(job)
-        job_checks.check_device(job.train.device)
+        preflight(job)  # what the job would refuse on this machine (device, files, prompt rules), before any file
         job_checks.check_gpus(gpus, job.train.device, job.train.prompts_per_iteration)
-        job_checks.check_reward_files(job.rewards)
         if source == "comfy" and not (job_dir / "job.json").exists():
             from egrpo_backend.build import texts_to_encode
 

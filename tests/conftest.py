@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "EGRPO_PROMPT_INDEX" not in os.environ:  # prompt-file indexes of the tests (prompt_sets.py): never in ~/.cache
+    import tempfile
+
+    os.environ["EGRPO_PROMPT_INDEX"] = tempfile.mkdtemp(prefix="egrpo-prompt-index-")
 
 import torch
 

@@ -12,7 +12,7 @@ from egrpo_backend.rewards import build_reward, check_scores
 
 
 def spec(**over):
-    base = {"model": {"source": "default"}, "prompts": ["a digit"]}
+    base = {"model": {"source": "default"}, "prompts": ["a digit three"]}
     base.update(over)
     return base
 

@@ -118,15 +118,20 @@ def test_start_cancel_resume_and_queue(manager, tmp_path):
 
 
 def test_crash_in_child_is_surfaced(manager, tmp_path):
-    """A spec that fails inside the child (a diffusers model folder that does not exist): the job is
-    failed with the child's message, and the manager keeps working."""
-    bad = spec(1, model={"source": "diffusers", "path": str(tmp_path / "no_such_model")}, prompts=["a red cube"])
+    """A spec that fails inside the child (a diffusers folder whose model_index.json names a transformer
+    that is not there; a missing folder is refused before the job exists): the job is failed with the
+    child's message, and the manager keeps working."""
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                          "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    bad = spec(1, model={"source": "diffusers", "path": str(broken)}, prompts=["a red cube"])
     job = manager.submit(bad, "crash")
     wait_for(lambda: manager.get(job)["status"] == "failed", timeout=60, what="failed status")
     info = manager.get(job)
-    assert "no_such_model" in info["message"]
+    assert "broken_model" in info["message"]
     errors = [d for _, d in manager.sent if d["job"] == job and d["type"] == "error"]
-    assert errors and "no_such_model" in errors[0]["message"]
+    assert errors and "broken_model" in errors[0]["message"]
     assert info["resumable"]
     # a real model's LoRA is copied into ComfyUI's loras folder (the core LoraLoader lists it)
     assert json.loads((manager.root / job / "job.json").read_text())["output"]["copy_to"] == str(tmp_path / "loras" / "egrpo")
@@ -245,13 +250,14 @@ def test_force_cancel_reads_cancelled_at_the_checkpoint_its_lora_comes_from(mana
 
 def test_cancel_right_after_start_reads_cancelled(manager):
     """A cancel before the child has even started Python: no SIGTERM can kill it early (it is signalled only
-    once it holds its lock, after catching SIGTERM); it stops at once or after its first iteration, with a LoRA."""
+    once it holds its lock, after catching SIGTERM); it stops at once (no LoRA: nothing learned) or after its first iteration (a LoRA)."""
     job = manager.submit(spec(50), "early")
     manager.cancel(job)
     wait_for(lambda: manager.get(job)["status"] != "running", what="end of the cancelled job")
     info = manager.get(job)
     assert info["status"] == "cancelled", info
-    assert info["iteration"] in (0, 1) and Path(info["lora"]).is_file()  # 0 when the signal beats the first step
+    assert info["iteration"] in (0, 1)  # 0 when the signal beats the first step: nothing learned, so no LoRA
+    assert Path(info["lora"]).is_file() if info["iteration"] else info["lora"] is None, info
     assert sent(manager, job, "exit")[-1]["returncode"] == 0
 
 

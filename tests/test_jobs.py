@@ -116,10 +116,12 @@ def test_cancel_file_stops_after_the_current_iteration_with_a_usable_lora(tmp_pa
     result = run_job(job, progress=False)
     assert result["status"] == "cancelled" and result["iteration"] == 0
     assert read_status(job)["status"] == "cancelled" and not (job / "cancel").exists()
-    model = load_default_transformer()
-    lora.load_lora_file(model, job / "lora" / "digits.comfy.safetensors")  # loads cleanly
-    # And it resumes from there.
+    # nothing was learned: no LoRA is written or shown (its checkpoint is kept, to resume)
+    assert result["lora"] == [] and read_status(job)["lora"] is None and not (job / "lora").exists()
+    assert "no LoRA" in read_status(job)["message"]
+    # And it resumes from there, to a LoRA that loads cleanly.
     assert resume_job(job, until=2, progress=False)["iteration"] == 2
+    lora.load_lora_file(load_default_transformer(), job / "lora" / "digits.comfy.safetensors")
 
 
 def test_cancel_command_stops_a_running_child(tmp_path):

@@ -126,12 +126,17 @@ def test_init_is_deterministic_and_keeps_global_rng():
     assert not all(torch.equal(ta[k].down, tc[k].down) for k in ta)
 
 
-def test_default_targets_are_attention_projections():
+def test_default_targets_are_attention_and_mlp_projections():
     sd3 = lora.default_target_modules(make_sd3())
     assert "transformer_blocks.0.attn.add_q_proj" in sd3
     assert "transformer_blocks.0.attn.to_add_out" in sd3
     assert "transformer_blocks.1.attn.to_out.0" in sd3
-    assert not any(".ff." in n or "norm" in n or "embed" in n for n in sd3)
+    assert {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2"} <= set(sd3)
+    assert not any("norm" in n or "embed" in n or n == "proj_out" for n in sd3)
+    flux = lora.default_target_modules(make_flux())
+    assert {"single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out",
+            "transformer_blocks.0.ff_context.net.0.proj"} <= set(flux)
+    assert "proj_out" not in flux and not any("norm" in n for n in flux)
 
     # ComfyUI / BFL Flux names; "proj" only counts inside attention, never an MLP's proj.
     class Attn(nn.Module):
@@ -158,8 +163,8 @@ def test_default_targets_are_attention_projections():
             self.single_blocks = nn.ModuleList([Single()])
 
     assert lora.default_target_modules(ComfyFlux()) == [
-        "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj",
-        "double_blocks.0.txt_attn.qkv", "double_blocks.0.txt_attn.proj",
+        "double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.qkv",
+        "double_blocks.0.txt_attn.proj", "double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2",
         "single_blocks.0.linear1", "single_blocks.0.linear2",
     ]
 
@@ -232,24 +237,26 @@ def test_export_keys_per_format(tmp_path):
     from safetensors import safe_open
 
     model = make_sd3()
-    lora.add_lora(model, LoraSettings(rank=4, alpha=8.0, target_modules=["add_q_proj"]))
+    lora.add_lora(model, LoraSettings(rank=4, alpha=8.0, target_modules=["add_q_proj", "add_k_proj", "add_v_proj"]))
     randomize_lora(model)
     t = lora.lora_tensors(model)["transformer_blocks.0.attn.add_q_proj"]
+    # kohya and comfy: SAI's MMDiT names, the three projections fused into one qkv LoRA of rank 3 x 4
     expected = {
-        "kohya": {"lora_unet_transformer_blocks_0_attn_add_q_proj." + s for s in ("lora_down.weight", "lora_up.weight", "alpha")},
-        "comfy": {"diffusion_model.transformer_blocks.0.attn.add_q_proj." + s for s in ("lora_down.weight", "lora_up.weight", "alpha")},
-        "peft": {"transformer.transformer_blocks.0.attn.add_q_proj." + s for s in ("lora_A.weight", "lora_B.weight")},
+        "kohya": {"lora_unet_joint_blocks_0_context_block_attn_qkv." + s for s in ("lora_down.weight", "lora_up.weight", "alpha")},
+        "comfy": {"diffusion_model.joint_blocks.0.context_block.attn.qkv." + s for s in ("lora_down.weight", "lora_up.weight", "alpha")},
+        "peft": {f"transformer.transformer_blocks.0.attn.add_{c}_proj.{s}" for c in "qkv" for s in ("lora_A.weight", "lora_B.weight")},
     }
     for fmt, keys in expected.items():
         path = lora.export_lora(model, tmp_path / f"{fmt}.safetensors", fmt)
         with safe_open(str(path), "pt") as f:
-            got = {k for k in f.keys() if "transformer_blocks.0" in k or "transformer_blocks_0" in k}
+            got = {k for k in f.keys() if "blocks.0" in k or "blocks_0" in k}
             assert got == keys
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+            assert lora.json.loads(f.metadata()["egrpo.keys_mapped"])["mapped"] == len(tensors)
         for k, v in tensors.items():
             assert v.dtype == torch.float32 and v.is_contiguous()
             if k.endswith(".alpha"):
-                assert v.ndim == 0 and v.item() == 8.0
+                assert v.ndim == 0 and v.item() == 24.0  # rank 12, scale alpha / rank = 2 as before
         if fmt == "peft":  # B carries alpha / r = 2
             b = tensors["transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight"]
             assert torch.allclose(b, t.up * 2.0)
@@ -270,7 +277,7 @@ def test_export_half_precision(trained, dtype, torch_dtype, tmp_path):
 
 def test_export_accepts_canonical_tensors(trained, tmp_path):
     kind, base, model, out = trained
-    path = lora.export_lora(lora.lora_tensors(model), tmp_path / "l.safetensors", "comfy")
+    path = lora.export_lora(lora.lora_tensors(model), tmp_path / "l.safetensors", "comfy", family=kind)
     fresh = copy.deepcopy(base)
     lora.load_lora_file(fresh, path)
     assert (run(fresh, kind) - out).abs().max() < TOL
@@ -334,7 +341,7 @@ def test_file_for_another_model_raises(tmp_path):
     lora.add_lora(sd3)
     for fmt in lora.FORMATS:
         path = lora.export_lora(sd3, tmp_path / f"{fmt}.safetensors", fmt)
-        with pytest.raises(ValueError, match="mismatched LoRA file: .*transformer_blocks.1"):
+        with pytest.raises(ValueError, match="mismatched LoRA file: .*(transformer_blocks.1|sd3 LoRA cannot load into a flux|joint_blocks_0.*names no Linear)"):
             lora.load_lora_file(make_flux(), path)  # flux has one double block: block 1 does not exist
 
 
@@ -401,13 +408,15 @@ def test_kohya_names_with_underscores_resolve_on_flux(tmp_path):
     randomize_lora(model)
     path = lora.export_lora(model, tmp_path / "k.safetensors", "kohya")
 
-    stems, fmt, _ = lora.read_lora(path)  # without a model: '_'-joined stems
-    assert fmt == "kohya" and "transformer_blocks_0_attn_add_q_proj" in stems
+    stems, fmt, _ = lora.read_lora(path)  # without a model: '_'-joined stems of BFL names
+    assert fmt == "kohya" and "double_blocks_0_txt_attn_qkv" in stems and "single_blocks_0_linear1" in stems
 
-    resolved, _, _ = lora.read_lora(path, model=make_flux())
+    resolved, _, _ = lora.read_lora(path, model=make_flux())  # back to the diffusers model's names, split exactly
     assert set(resolved) == set(lora.lora_tensors(model))
     assert "transformer_blocks.0.attn.add_q_proj" in resolved
     assert "single_transformer_blocks.0.attn.to_k" in resolved
+    ours = lora.lora_tensors(model)
+    assert all(torch.equal(resolved[k].down, ours[k].down) and torch.equal(resolved[k].up, ours[k].up) for k in ours)
 
     with pytest.raises(ValueError, match="read_lora\\(path, model=model\\)"):
         lora.set_lora_tensors(model, stems)  # unresolved stems get a hint, not a silent no-op

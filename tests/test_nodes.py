@@ -142,7 +142,7 @@ def test_prompt_list_parses_text_and_a_file_chosen_from_the_input_folder(tmp_pat
     with pytest.raises(ValueError, match="empty"):
         prompt_nodes.PromptListNode.execute("  \n# only a comment", "(none)")
     for bad in (str(tmp_path / "secret.txt"), "../secret.txt", "image.png", "missing.txt"):
-        with pytest.raises(ValueError, match="not allowed|not a .txt file"):
+        with pytest.raises(ValueError, match="not allowed|not a .txt file|outside ComfyUI's input folder"):
             prompt_nodes.PromptListNode.execute("x", bad)
 
 

@@ -4,6 +4,8 @@ header (the header carries a count and the same hash)."""
 
 import json
 
+import pytest
+
 from safetensors import safe_open
 
 from egrpo_backend.checkpoint import latest_checkpoint
@@ -12,7 +14,7 @@ from egrpo_backend.jobs import create_job, export_job, load_spec, run_job
 from egrpo_backend.provenance import HEADER_LIMIT_BYTES, prompt_digest
 from test_jobs import tiny_spec
 
-PROMPTS = [f"a handwritten digit {'three' if i % 2 else 'seven'} no {i}" for i in range(MAX_PROMPTS)]
+PROMPTS = [f"a handwritten digit {'three' if i % 2 else 'seven'} no {i:06d}" for i in range(MAX_PROMPTS)]
 
 
 def header_bytes(path) -> int:
@@ -48,13 +50,18 @@ def test_checkpoint_and_lora_headers_stay_small_with_a_huge_prompt_list(tmp_path
             assert json.loads(f.metadata()["egrpo.spec"])["prompts"] == prompt_digest(PROMPTS)
 
 
-def test_a_prompt_file_is_copied_once_and_a_moved_job_still_finds_it(tmp_path):
+def test_a_prompt_file_is_recorded_by_hash_not_copied_and_a_changed_file_is_refused(tmp_path):
     (tmp_path / "prompts.txt").write_text("a handwritten digit three\n# a comment\na handwritten digit seven\n")
     spec = {**tiny_spec(iterations=1), "prompts": {"file": "prompts.txt"}, "eval_prompts": {"file": "prompts.txt"}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    from egrpo_backend.config import JobSpec
+    from egrpo_backend.config import JobSpec, SpecError
 
     job = create_job(JobSpec.from_file(tmp_path / "spec.json"), tmp_path / "job")
-    assert len(list(job.glob("prompts-*.json"))) == 1  # the same list for training and held-out: one file
+    assert not list(job.glob("prompts-*.json"))  # a file set stays where it is (streamed, docs/prompts.md)
+    saved = json.loads((job / "job.json").read_text())["prompts"]
+    assert saved["file"] == str((tmp_path / "prompts.txt").resolve()) and saved["count"] == 2
     moved = job.rename(tmp_path / "moved")
     assert load_spec(moved).prompt_list(eval=True) == ["a handwritten digit three", "a handwritten digit seven"]
+    (tmp_path / "prompts.txt").write_text("a handwritten digit four\n")
+    with pytest.raises(SpecError, match="prompts.txt changed since the job was created"):
+        load_spec(moved)

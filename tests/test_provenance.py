@@ -56,3 +56,17 @@ def test_comfy_private_folders_are_dropped():
     data = shareable_spec(spec)
     assert data["model"]["path"] == "flux1-dev-fp8.safetensors" and data["model"]["comfy"]["vae"] == "ae.safetensors"
     assert "comfy_root" not in data["model"]["comfy"] and "cond_cache" not in data["model"]["comfy"]
+
+
+def test_comfy_graph_lora_stack_is_recorded_by_relative_name_without_folders():
+    """The LoRAs the graph patched onto the MODEL (trained on top of) are named relative to the loras
+    folder, sub-folder included; the folders themselves (local paths) are not in the header."""
+    spec = JobSpec.from_dict({"model": {"source": "comfy", "path": "/srv/ComfyUI/models/unet/wan.safetensors",
+                                        "comfy": {"loras": [{"name": "styles/ink.safetensors", "strength": 0.8}],
+                                                  "lora_dirs": ["/srv/ComfyUI/models/loras"],
+                                                  "model_sampling": {"kind": "discrete_flow", "shift": 5.0,
+                                                                     "multiplier": 1000.0}}},
+                              "prompts": ["a"], "rewards": [{"name": "jpeg_compressibility"}]})
+    comfy = shareable_spec(spec)["model"]["comfy"]
+    assert comfy["loras"] == [{"name": "styles/ink.safetensors", "strength": 0.8}]
+    assert "lora_dirs" not in comfy and comfy["model_sampling"]["shift"] == 5.0

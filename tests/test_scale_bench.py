@@ -31,6 +31,10 @@ def test_scale_bench_depth_1_on_cpu(tmp_path):
         assert ran["phases"][phase]["seconds"] > 0, phase
         assert "peak_mem_gb" in ran["phases"][phase]  # None on the CPU (no per-phase allocator peak)
     assert ran["weights_gb"] > 0 and ran["nfe_per_second"] > 0 and ran["overhead_ratio"] > 0
+    # an update sample counts as its measured forward + backward (no timing asserted: a CPU test)
+    assert ran["update_cost_forwards"] > 0 and ran["overhead_ratio_update_as_one"] > 0
+    it = ran["iterations"][0]
+    assert it["samples_grad"] > 0 and it["samples_no_grad"] >= it["nfe_rollout"]
     assert ran["ratio_first_dev"] < 1e-4  # float32: rollout and update forwards agree
     assert "| sd3.5-medium | egrpo_fast | 64 |" in (tmp_path / "scale_cpu.md").read_text()
 
@@ -106,3 +110,51 @@ def test_meta_attention_keeps_what_flash_attention_keeps():
             torch.nn.functional.scaled_dot_product_attention(q, q, q)
     peak = trace_peak(attend)
     assert peak < scores / 4 and peak >= q.numel() * 2  # output + a float32 logsumexp per row, never N x N
+
+
+def test_overhead_counts_an_update_sample_at_its_measured_cost():
+    import scale
+
+    # 100 no-grad samples at 1 s each + 10 update samples at 3.5 forwards: 135 s of model time
+    assert scale.overhead_ratio(135.0, 100, 10, 1.0, 3.5) == pytest.approx(1.0)
+    assert scale.overhead_ratio(155.25, 100, 10, 1.0, 3.5) == pytest.approx(1.15)
+    # the old accounting (an update sample as one forward) read the same run as 1.41
+    assert 155.25 / (110 * 1.0) == pytest.approx(1.41, abs=0.01)
+
+
+def test_call_counter_splits_samples_by_grad():
+    import scale
+
+    class Policy:
+        def velocity(self, x, sigma, cond):
+            return x * 2
+
+    p = Policy()
+    calls = scale.CallCounter(p)
+    with torch.no_grad():
+        p.velocity(torch.ones(3, 2), None, None)
+    p.velocity(torch.ones(2, 2, requires_grad=True), None, None)
+    assert calls.take() == (3, 2) and calls.take() == (0, 0)
+
+
+def test_scale_gpu_script_runs_every_step_at_tiny_width(tmp_path, monkeypatch):
+    """bench/scale_gpu.py --tiny on the CPU: the same steps as the GPU run, one table, JSON + md written."""
+    import scale_gpu
+
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    out = scale_gpu.main(["--tiny", "--device", "cpu", "--comfy-root", "", "--out", str(tmp_path)])
+    by_step = {}
+    for r in out["results"]:
+        by_step.setdefault(r.get("step") or r["model"], []).append(r)
+    (flux,) = by_step["flux egrpo_fast"]
+    assert flux["iterations_done"] == 1 and flux["update_cost_forwards"] > 0 and flux["path"] == "diffusers"
+    (qwen,) = by_step["qwen swap"]
+    assert qwen["iterations_done"] == 1 and qwen["offload_blocks"] == 1 and qwen["host_blocks_gb"] > 0  # block swap ran
+    assert "tiny" in by_step["flux-dev egrpo"][0]["skipped"]  # the same path as egrpo_fast, another preset
+    assert "ComfyUI is not available" in by_step["comfy egrpo_fast"][0]["skipped"]
+    (wan,) = by_step["wan2.2-5b"]
+    assert wan["forward_seconds"] > 0 and wan["update_cost_forwards"] > 0 and wan["tokens"] == 2 * 2 * 2
+    assert "DDP / FSDP2 need 2+" in by_step["ddp / fsdp"][0]["skipped"]
+    md = (tmp_path / "scale_gpu_cpu.md").read_text()
+    assert "| qwen-image | diffusers | egrpo_fast | 64 | 1 (" in md and "| wan2.2-5b | transformer only |" in md
+    assert json.loads((tmp_path / "scale_gpu_cpu.json").read_text())["meta"]["tiny"] is True

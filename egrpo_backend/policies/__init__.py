@@ -26,13 +26,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return resolve_compute_dtype(name, device)
 
 
-def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cache: Path | None = None) -> FlowPolicy:
+def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cache: Path | None = None,
+                 cond_cache_gb: float = 20.0, cond_memory_gb: float = 2.0) -> FlowPolicy:
     """A FlowPolicy for ModelSpec.source (default | diffusers | comfy).
 
     dtype is the compute dtype; model_spec.weight_dtype the storage dtype of the frozen base
-    (docs/memory.md). cond_cache (diffusers source): safetensors file of encoded prompts, read if it
-    exists and written when prompts are encoded, so a resumed job needs no text encoder. The comfy
-    source reads the cache its node wrote (model.comfy.cond_cache); the default model's encoder is tiny.
+    (docs/memory.md). cond_cache (default and diffusers sources): the folder of encoded prompts
+    (cond_store.py, docs/prompts.md), at most cond_cache_gb on disk and cond_memory_gb in memory. The
+    comfy source reads the cache its node wrote (model.comfy.cond_cache).
     """
     from ..dtypes import resolve_storage_dtype
 
@@ -40,13 +41,15 @@ def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cach
     if model_spec.source == "default":
         from ..default_model.policy import load_default_policy
 
-        return load_default_policy(device=device)
+        return load_default_policy(device=device, cond_cache=cond_cache, cond_cache_gb=cond_cache_gb,
+                                   cond_memory_gb=cond_memory_gb)
     if model_spec.source == "diffusers":
         from .diffusers_policy import load_diffusers_policy
 
         return load_diffusers_policy(model_spec.path, model_spec.family, device, dtype, gradient_checkpointing=ckpt,
                                      weight_dtype=resolve_storage_dtype(model_spec.weight_dtype, dtype),
-                                     cond_cache=cond_cache)
+                                     cond_cache=cond_cache, cond_cache_gb=cond_cache_gb, cond_memory_gb=cond_memory_gb,
+                                     offload_blocks=model_spec.offload_blocks, width=model_spec.width, height=model_spec.height)
     if model_spec.source == "comfy":
         from .comfy_policy import load_comfy_policy  # imports ComfyUI: only ever inside a job's child process
 

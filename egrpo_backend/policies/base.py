@@ -2,11 +2,14 @@
 
 The algorithm (schedule, sde, rollout, advantage, trainer) talks only to this protocol and never
 asks which model is behind it. Conventions:
-  - latents x: float tensor [B, *latent_shape]; x_t = (1 - sigma) x0 + sigma eps (rectified flow)
+  - latents x: float tensor [B, *latent_shape]; x_t = (1 - sigma) x0 + sigma eps (rectified flow);
+    latent_shape is (C, H, W) for image models and (C, F, H, W) for video latents (any rank works:
+    the algorithm only reduces over "every non-batch dimension")
   - sigma: float tensor [B] in [0, 1] (1 = pure noise)
   - velocity(x, sigma, cond) -> v = eps - x0, same shape as x (no guidance; see guidance.py)
   - cond: a dict of batch-first tensors (see cond_select / cond_cat), the output of encode()
-  - decode(latents) -> images float [B, C, H, W] in [0, 1]
+  - decode(latents) -> images float [B, C, H, W] in [0, 1]; video (the comfy source with
+    model.comfy.length > 1): frames float [B, F, C, H, W] in [0, 1]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ Cond = dict[str, torch.Tensor]
 
 @runtime_checkable
 class FlowPolicy(Protocol):
-    latent_shape: tuple[int, ...]  # (C, H, W) of one latent
+    latent_shape: tuple[int, ...]  # (C, H, W) of one latent; (C, F, H, W) for video
     device: torch.device
 
     def encode(self, prompts: list[str]) -> Cond: ...

@@ -2,8 +2,14 @@
 
 Runs only inside a job's child process; ComfyUI is imported here and nowhere else in the engine.
 model_spec.path is the diffusion-model (or checkpoint) file; model_spec.comfy (config.ComfySpec)
-says where the rest is. The cond cache holds cond.{i}, pooled.{i} and the metadata "prompts"
-(a JSON list: prompt i), encoded once in ComfyUI's process by the Train node.
+says where the rest is. The cond cache (comfy_conds.py) holds each prompt's WHOLE conditioning as
+ComfyUI's CLIP made it, encoded once in ComfyUI's process by the Train node.
+The contract (docs/comfyui.md): velocity(x, sigma) is what ComfyUI's own sampler computes for the same
+graph at cfg 1. So the conditioning goes through comfy.samplers.process_conds (the model's own
+extra_conds: guidance defaults, attention masks, padding) and comfy.samplers.sampling_function, the
+LoRAs and ModelSampling patch the graph put on the MODEL are applied here the way its nodes apply them,
+and the latent has the shape ComfyUI's empty-latent nodes give this family (comfy_latents.py): [C, H, W]
+for images, [C, F, H, W] when the latent format has latent_dimensions == 3 (video, and Qwen-Image).
 Conventions (policies/base.py): latents are the model's own space (ComfyUI's process_latent_in),
 ComfyUI's model returns the denoised x0, so v = (x - x0) / sigma; the LoRA sits on
 `BaseModel.diffusion_model`, so exported kohya keys are `lora_unet_<BFL path>`, which ComfyUI's
@@ -34,6 +40,7 @@ import torch
 
 from .. import lora as lora_lib
 from ..dtypes import STORAGE_DTYPES
+from . import block_swap
 from .base import lora_disabled
 
 TILE_ABOVE_PX = 1024  # decode images larger than this (either side) with the VAE's decode_tiled
@@ -133,10 +140,10 @@ def cast_per_layer(diffusion_model: torch.nn.Module, compute: torch.dtype) -> in
 
 
 class ComfyPolicy:
-    def __init__(self, base_model, vae, conds: dict, prompts: list[str], latent_shape, device, guidance: float):
-        self.model, self.vae = base_model, vae
-        self.diffusion_model = base_model.diffusion_model
-        self.latent_shape, self.device, self.guidance = tuple(latent_shape), device, guidance
+    def __init__(self, patcher, vae, conds: list, prompts: list[str], latent_shape, device, length: int = 1):
+        self.patcher, self.model, self.vae = patcher, patcher.model, vae
+        self.diffusion_model = self.model.diffusion_model
+        self.latent_shape, self.device, self.length = tuple(latent_shape), device, length
         self._conds, self._index = conds, {p: i for i, p in enumerate(prompts)}
 
     # --- FlowPolicy ----------------------------------------------------------------------------
@@ -155,29 +162,41 @@ class ComfyPolicy:
             out[rows] = self._velocity_rows(x[rows], sigma[rows], p)
         return out
 
+    def denoised(self, x: torch.Tensor, sigma: torch.Tensor, p: int) -> torch.Tensor:
+        """x0 for prompt p exactly as ComfyUI's sampler computes it at cfg 1 (CFGGuider.predict_noise)."""
+        import comfy.sampler_helpers
+        import comfy.samplers
+
+        conds = comfy.sampler_helpers.convert_cond([list(c) for c in self._conds[p]])
+        conds = comfy.samplers.process_conds(self.model, x, {"positive": conds}, self.device,
+                                             latent_image=torch.zeros_like(x))["positive"]
+        return comfy.samplers.sampling_function(self.model, x, sigma, None, conds, 1.0,
+                                                model_options=self.patcher.model_options)
+
     def _velocity_rows(self, x, sigma, p: int):
-        n = x.shape[0]
-        kwargs = {"cross_attn": self._conds[f"cond.{p}"], "noise": x, "device": self.device, "guidance": self.guidance}
-        if f"pooled.{p}" in self._conds:
-            kwargs["pooled_output"] = self._conds[f"pooled.{p}"]
-        extra = self.model.extra_conds(**kwargs)
-        conds = {k: v.process_cond(batch_size=n, device=self.device, area=None).cond for k, v in extra.items()}
-        conds = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in conds.items()}
-        x0 = self.model.apply_model(x, sigma.to(x.dtype), **conds)
-        return (x - x0.to(x.dtype)) / sigma.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        s = sigma.to(x.dtype)
+        x0 = self.denoised(x, s, p)
+        return (x - x0.to(x.dtype)) / s.view(-1, *[1] * (x.ndim - 1))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images of exactly these latents (callers chunk by train.decode_batch); tiled above TILE_ABOVE_PX."""
+        """Images [B, C, H, W] (model.comfy.length = 1) or frames [B, F, C, H, W] (length > 1), in [0, 1], of
+        exactly these latents (callers chunk by train.decode_batch); tiled above TILE_ABOVE_PX."""
         z = self.model.process_latent_out(latents.float())
         if self.vae is None:  # latent preview: first channels squashed into [0, 1]
             z = z[:, :3] if z.shape[1] >= 3 else z[:, :1]
-            return torch.sigmoid(z).float()
-        ratio = self.vae.downscale_ratio if isinstance(getattr(self.vae, "downscale_ratio", None), int) else 8
-        tiled = max(z.shape[-2:]) * ratio > TILE_ABOVE_PX
+            frames = torch.sigmoid(z).float()
+            if frames.ndim == 5:  # [B, C, F, H, W] -> [B, F, C, H, W]
+                frames = frames.permute(0, 2, 1, 3, 4)
+                return frames[:, 0] if self.length == 1 else frames
+            return frames
+        ratio = self.vae.downscale_ratio
+        ratio = ratio[-1] if isinstance(ratio, tuple) else ratio
+        tiled = isinstance(ratio, int) and max(z.shape[-2:]) * ratio > TILE_ABOVE_PX
         images = self.vae.decode_tiled(z) if tiled else self.vae.decode(z)
-        if images.ndim == 5:
-            images = images[:, 0]
+        if images.ndim == 5:  # a video VAE: [B, F, H, W, C]
+            frames = images[..., :3].permute(0, 1, 4, 2, 3).float().clamp(0, 1)
+            return frames[:, 0] if self.length == 1 else frames
         return images[..., :3].permute(0, 3, 1, 2).float().clamp(0, 1)
 
     def lora_model(self) -> torch.nn.Module:
@@ -199,23 +218,40 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
     import comfy.sd
     import comfy.utils
 
+    from .comfy_conds import read_comfy_conds
+    from .comfy_graph import apply_graph_patches, refuse_needs_image
+    from .comfy_latents import latent_shape
+
     path = model_spec.path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path} (model.path must be a diffusion model or checkpoint file)")
+    cache = opts.cond_cache
+    if not cache or not os.path.isfile(cache):
+        raise FileNotFoundError(f"prompt cond cache not found: {cache!r}; the E-GRPO Train LoRA node writes it "
+                                "(conds.safetensors in the job folder)")
     kind = opts.kind
     options = comfy_model_options(model_spec.weight_dtype, path)
+    # disable_dynamic: the job owns its weights (moved to the device once, below); ComfyUI's dynamic
+    # (streamed-weight) patcher would make apply_model prefetch weights it never loaded.
     if kind == "checkpoint":
-        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, model_options=options)[0]
+        patcher = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, model_options=options,
+                                                        disable_dynamic=True)[0]
     else:
-        patcher = comfy.sd.load_diffusion_model(path, model_options=options)
+        patcher = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
+    refuse_needs_image(patcher.model)
+    prompts, conds = read_comfy_conds(cache)
+    if opts.guidance >= 0:  # the node's guidance input: what FluxGuidance would set on every prompt
+        conds = [[(c, {**o, "guidance": float(opts.guidance)}) for c, o in pc] for pc in conds]
+    patcher = apply_graph_patches(patcher, opts.loras, opts.lora_dirs, opts.model_sampling, device)
     base = patcher.model
-    base.to(device=device)  # storage dtype kept: never .to(dtype=...), which would upcast an fp8 file
+    block_swap.place(base, device, model_spec.offload_blocks)  # = base.to(device), but the last N blocks on the host (storage dtype kept)
     base.requires_grad_(False)
     base.eval()
     if cast_per_layer(base.diffusion_model, dtype):
         base.manual_cast_dtype = dtype  # _apply_model casts inputs to this; the ops cast weights to the input's dtype
     if gradient_checkpointing:
         _checkpoint_blocks(base.diffusion_model)
+    patcher.pre_run()  # what ComfyUI's sampler does first: the model knows its patcher (current_patcher)
 
     vae = None
     vae_path = opts.vae
@@ -225,18 +261,5 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
         else:
             vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
 
-    cache = opts.cond_cache
-    if not cache or not os.path.isfile(cache):
-        raise FileNotFoundError(f"prompt cond cache not found: {cache!r}; the E-GRPO Train LoRA node writes it "
-                                "(conds.safetensors in the job folder)")
-    from safetensors import safe_open
-
-    with safe_open(cache, framework="pt") as f:
-        prompts = json.loads(f.metadata()["prompts"])
-        conds = {k: f.get_tensor(k).to(dtype=dtype) for k in f.keys()}  # on the CPU; moved per call
-
-    channels = base.latent_format.latent_channels
-    ratio = vae.downscale_ratio if vae is not None and isinstance(getattr(vae, "downscale_ratio", None), int) else 8
-    h, w = opts.height, opts.width
-    latent_shape = (channels, h // ratio, w // ratio)
-    return ComfyPolicy(base, vae, conds, prompts, latent_shape, device, opts.guidance)
+    shape = latent_shape(base.latent_format, vae, opts.width, opts.height, opts.length)
+    return ComfyPolicy(patcher, vae, conds, prompts, shape, device, opts.length)

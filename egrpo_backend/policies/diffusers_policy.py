@@ -16,10 +16,10 @@ from typing import Callable
 import torch
 
 from .. import lora as lora_lib
-from . import weight_storage
+from . import block_swap, weight_storage
 from .names import FAMILY_NAMES
 from .base import Cond, lora_disabled
-from .cond_cache import read_cond_cache, write_cond_cache
+from .cond_store import CondStore
 from .text_encoders import PipelineTextEncoder, encoder_names, free_device_memory
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ def _cache_row(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A cond row kept on the CPU: floats in the compute dtype (what velocity casts to anyway), masks as they are."""
     value = value.detach().to("cpu")
     return value.to(dtype) if value.is_floating_point() else value
+
+
+GB = 2**30
 
 
 def _sd3_forward(model, x, sigma, cond):
@@ -101,14 +104,18 @@ class DiffusersPolicy:
     dtype: compute dtype; weight_dtype: storage dtype of the transformer's blocks (None = dtype;
          fp8 = stored in 1 byte, upcast per layer, see weight_storage.py). A transformer that already
          casts per layer (built in its storage dtype, e.g. by bench/scale.py) is used as it is.
-    cond_cache: safetensors file of encoded prompts (cond_cache.py): read at start if it exists,
-         rewritten whenever new prompts are encoded.
+    cond_cache: folder of encoded prompts (cond_store.py), bounded by cond_cache_gb, least recently
+         used first out; cond_memory_gb bounds the copy in memory. A prompt is encoded (alone, so its
+         features never depend on a batch) when neither holds it; encode_ahead does it for a chunk.
+    offload_blocks: the last N transformer blocks (or "auto") stay in host memory and stream in as they
+         run (block_swap.py); needs gradient checkpointing, which it turns on.
     """
 
     def __init__(self, transformer, encoder: Callable[[list[str]], Cond] | None, latent_shape, *, vae=None,
                  family: str = "auto", device="cpu", dtype: torch.dtype = torch.float32,
                  weight_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
-                 cond_cache: str | Path | None = None):
+                 cond_cache: str | Path | None = None, cond_cache_gb: float = 20.0, cond_memory_gb: float = 2.0,
+                 offload_blocks: int | str = 0):
         self.family = detect_family(transformer) if family == "auto" else family
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
@@ -119,37 +126,48 @@ class DiffusersPolicy:
             if next(transformer.parameters()).dtype != dtype:
                 transformer = transformer.to(dtype=dtype)  # before moving: the device never holds a wider copy
             weight_storage.store_weights(transformer, self.weight_dtype, dtype)
-        self.transformer = transformer.to(self.device).requires_grad_(False).eval()
         self.vae = vae.to(self.device).requires_grad_(False).eval() if vae is not None else None
+        self.block_swap = block_swap.place(transformer, self.device, offload_blocks)  # after the VAE: "auto" sees it
+        self.transformer = transformer.requires_grad_(False).eval()
+        gradient_checkpointing = gradient_checkpointing or self.block_swap is not None
         self.encoder = encoder
         self.latent_shape = tuple(latent_shape)
         self.cond_cache = Path(cond_cache) if cond_cache else None
-        self._cache: dict[str, Cond] = read_cond_cache(self.cond_cache, self.family) if self.cond_cache and self.cond_cache.is_file() else {}
+        self.conds = CondStore(self._encode_one, self.family, folder=self.cond_cache, disk_bytes=cond_cache_gb * GB,
+                               memory_bytes=cond_memory_gb * GB, session=self._encoder_session)
         if gradient_checkpointing and hasattr(self.transformer, "enable_gradient_checkpointing"):
             self.transformer.enable_gradient_checkpointing()
 
     # --- FlowPolicy -------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Cond:
-        """Text features, cached per prompt on the CPU in the compute dtype (and in cond_cache if set)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            if self.encoder is None:
-                raise RuntimeError(f"text encoder was released; prompt not cached: {missing[0]!r}")
-            for p in missing:  # one prompt per call: its features then never depend on the batch it came in
-                with torch.no_grad():
-                    feats = self.encoder([p])
-                self._cache[p] = {k: _cache_row(v, self.dtype) for k, v in feats.items()}
-                del feats
-            if self.cond_cache:
-                write_cond_cache(self.cond_cache, self._cache, self.family)
-        return {k: torch.cat([self._cache[p][k] for p in prompts]).to(self.device) for k in self._cache[prompts[0]]}
+        """Text features per prompt from the cond store (encoded there when missing), batched on the device."""
+        rows = [self.conds.get(p) for p in prompts]
+        return {k: torch.cat([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def uncached(self, prompts) -> list[str]:
+        return self.conds.missing(prompts)
+
+    def encode_ahead(self, prompts, progress=None) -> int:
+        """Encode the prompts the store lacks, with the text encoders on the device for the whole chunk."""
+        return self.conds.ensure(prompts, progress)
+
+    def _encode_one(self, prompt: str) -> Cond:
+        if self.encoder is None:
+            raise RuntimeError(f"this policy has no text encoder; prompt not cached: {prompt!r}")
+        with torch.no_grad():  # one prompt per call: its features then never depend on the batch it came in
+            feats = self.encoder([prompt])
+        return {k: _cache_row(v, self.dtype) for k, v in feats.items()}
+
+    def _encoder_session(self):
+        session = getattr(self.encoder, "session", None)
+        return session() if callable(session) else contextlib.nullcontext()
 
     def release_text_encoder(self) -> None:
-        """Free the text encoders: every reference dropped, the device's cached blocks returned."""
+        """Free the text encoders: every reference dropped, the device's cached blocks returned. They load
+        again from their files if a prompt is ever missing from the cond store (an evicted one, say)."""
         release = getattr(self.encoder, "release", None)
         if callable(release):
             release()
-        self.encoder = None
         free_device_memory(self.device)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -164,7 +182,7 @@ class DiffusersPolicy:
             return ((latents.float() + 1) / 2).clamp(0, 1)
         cfg = self.vae.config
         if hasattr(self.vae, "enable_tiling"):
-            factor = 2 ** (len(cfg.block_out_channels) - 1)
+            factor = vae_factor(self.vae)
             tiled = max(latents.shape[-2:]) * factor > TILE_ABOVE_PX
             self.vae.enable_tiling() if tiled else self.vae.disable_tiling()
         z = latents.to(self.device, self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
@@ -176,6 +194,8 @@ class DiffusersPolicy:
         return self.transformer
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.block_swap is not None:  # a LoRA injected into swapped blocks went to the host with its base layer
+            self.block_swap.adopt_new_parameters()
         return lora_lib.lora_parameters(self.transformer)
 
     def set_lora_enabled(self, enabled: bool) -> None:
@@ -190,6 +210,13 @@ class DiffusersPolicy:
         return contextlib.nullcontext()
 
 
+def vae_factor(vae) -> int:
+    """Pixels per latent cell: AutoencoderKL's config names its levels block_out_channels, Sana's
+    AutoencoderDC encoder_block_out_channels (as the pipelines read them)."""
+    levels = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")
+    return 2 ** (len(levels) - 1)
+
+
 # Families whose transformer DiffusersPolicy runs but whose pipeline folder this loader cannot use yet.
 PIPELINE_UNSUPPORTED = {
     "qwenimage": "Qwen-Image pipeline folders are not supported by model.source 'diffusers' yet (its VAE is a 3D video "
@@ -199,11 +226,16 @@ PIPELINE_UNSUPPORTED = {
 
 def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=torch.float32,
                           resolution: int = 0, gradient_checkpointing: bool = False,
-                          weight_dtype: torch.dtype | None = None, cond_cache: str | Path | None = None) -> DiffusersPolicy:
+                          weight_dtype: torch.dtype | None = None, cond_cache: str | Path | None = None,
+                          cond_cache_gb: float = 20.0, cond_memory_gb: float = 2.0, offload_blocks: int | str = 0,
+                          width: int = 0, height: int = 0) -> DiffusersPolicy:
     """A policy from a local diffusers pipeline folder (model_index.json). Never downloads.
 
     The transformer and VAE load now; the text encoders load only if a prompt is not in cond_cache
-    (text_encoders.py), so a job resumed with its cond cache never loads them.
+    (text_encoders.py), so a job resumed with its cond cache never loads them. The image size is
+    width x height pixels (spec model.width / model.height; `resolution` sets both); 0 falls back to
+    the transformer config's sample_size where the published config has one (SD3, Sana; FLUX.1 has
+    none, so its jobs must say).
     """
     folder = Path(path)
     if not (folder / "model_index.json").is_file():
@@ -222,13 +254,21 @@ def load_diffusers_policy(path: str, family: str = "auto", device="cpu", dtype=t
     fam = detect_family(transformer) if family == "auto" else family
     if fam in PIPELINE_UNSUPPORTED:
         raise ValueError(PIPELINE_UNSUPPORTED[fam])
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    res = resolution or int(transformer.config.sample_size) * vae_factor
-    if res % (vae_factor * 2):
-        raise ValueError(f"resolution {res} must be a multiple of {vae_factor * 2} for this model")
-    latent = (vae.config.latent_channels, res // vae_factor, res // vae_factor)
+    factor = vae_factor(vae)
+    w, h = width or height or resolution, height or width or resolution  # one side given: square
+    if not (w and h):
+        sample = transformer.config.get("sample_size")  # absent from published FLUX.1 configs: never assumed
+        if not sample:
+            raise ValueError(f"{type(transformer).__name__}'s config has no sample_size to take an image size from; "
+                             "set model.width and model.height (pixels) in the job spec")
+        w, h = w or int(sample) * factor, h or int(sample) * factor
+    for side, value in (("width", w), ("height", h)):
+        if value % (factor * 2):
+            raise ValueError(f"model.{side} {value} must be a multiple of {factor * 2} for this model")
+    latent = (vae.config.latent_channels, h // factor, w // factor)
     policy = DiffusersPolicy(transformer, None, latent, vae=vae, family=fam, device=device, dtype=dtype,
-                             weight_dtype=weight_dtype, gradient_checkpointing=gradient_checkpointing, cond_cache=cond_cache)
+                             weight_dtype=weight_dtype, gradient_checkpointing=gradient_checkpointing, cond_cache=cond_cache,
+                             cond_cache_gb=cond_cache_gb, cond_memory_gb=cond_memory_gb, offload_blocks=offload_blocks)
     policy.encoder = PipelineTextEncoder(folder, fam, policy.transformer, policy.device, dtype, absent)
     log.info("loaded %s pipeline from %s (latent %s, weights stored in %s)", fam, folder, latent, policy.weight_dtype)
     return policy

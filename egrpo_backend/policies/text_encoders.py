@@ -1,12 +1,14 @@
-"""A diffusers pipeline's text encoders, used once and freed (docs/memory.md, "Text encoders").
+"""A diffusers pipeline's text encoders, on the device only while they encode (docs/memory.md, "Text encoders").
 
 The encoders (CLIP, T5-XXL, Gemma ...) load from the pipeline folder only when a prompt is missing
-from the cond cache, sit on the device only while they encode, and `release()` drops every
-reference to them. Text features come from the pipeline's own `encode_prompt` (SD3, FLUX, Sana).
+from the cond store, sit on the device for one chunk of prompts (`session()`, docs/prompts.md) and
+on the CPU between chunks, and `release()` drops every reference to them (they load again if needed).
+Text features come from the pipeline's own `encode_prompt` (SD3, FLUX, Sana).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -42,6 +44,7 @@ class PipelineTextEncoder:
         self.folder, self.family, self.transformer = Path(folder), family, transformer
         self.device, self.dtype, self.absent, self.max_len = torch.device(device), dtype, dict(absent or {}), max_sequence_length
         self.pipe = None  # the text-only pipeline, while loaded
+        self._sessions = 0  # open session() blocks: the encoders stay on the device until the last ends
 
     def _load(self):
         from diffusers import DiffusionPipeline
@@ -56,18 +59,26 @@ class PipelineTextEncoder:
             return []
         return [m for name, m in self.pipe.components.items() if name.startswith("text_encoder") and m is not None]
 
-    def __call__(self, prompts: list[str]) -> Cond:
+    @contextlib.contextmanager
+    def session(self):
+        """The encoders on the device for a chunk of prompts, off it (on the CPU) after the chunk."""
         pipe = self.pipe or self._load()
-        for m in self.encoders():
-            m.to(self.device)
+        if not self._sessions:
+            for m in self.encoders():
+                m.to(self.device)
+        self._sessions += 1
         try:
-            with torch.no_grad():
-                return self._encode(pipe, prompts)
-        finally:  # off the device between calls: the denoiser needs the room
-            if self.device.type != "cpu":
+            yield pipe
+        finally:  # off the device between chunks: the denoiser needs the room
+            self._sessions -= 1
+            if not self._sessions and self.device.type != "cpu":
                 for m in self.encoders():
                     m.to("cpu")
                 free_device_memory(self.device)
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        with self.session() as pipe, torch.no_grad():
+            return self._encode(pipe, prompts)
 
     def _encode(self, pipe, prompts: list[str]) -> Cond:
         kw = {"max_sequence_length": self.max_len} if self.max_len else {}

@@ -1,10 +1,11 @@
 """The Reward seam: `reward(images, prompts) -> scores[B]`, and the registry reward modules add themselves to.
-
-Building a reward by name is the catalogue's job (catalogue.py), which imports the reward modules:
-this module imports none of them.
+Building a reward by name is the catalogue's job (catalogue.py, which imports the reward modules):
+this module imports none of them, so each of them can import it.
 
 images: float tensor [B, C, H, W] in [0, 1] (C = 1 or 3), on any device; prompts: list of B strings.
 Scores are float32 on the CPU, one per image, higher is better. Rewards never need gradients.
+Videos [B, F, C, H, W] are scored through frames.score_frames (WeightedRewards does), by the frames
+a reward's option `frames` picks.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
+_MIN_FRAMES: dict[str, int] = {}  # video rewards: the frames per clip they need (image rewards: 1)
 
 
-def register_reward(name: str):
-    """Decorator: make a reward factory buildable by name from a job spec or a node."""
+def register_reward(name: str, min_frames: int = 1):
+    """Decorator: make a reward factory buildable by name from a job spec or a node. min_frames > 1
+    marks a video reward: it gets whole clips [B, F, C, H, W] of at least that many frames."""
 
     def wrap(factory):
         if name in _REGISTRY:
             raise ValueError(f"reward {name!r} registered twice")
         _REGISTRY[name] = factory
+        _MIN_FRAMES[name] = min_frames
         return factory
 
     return wrap

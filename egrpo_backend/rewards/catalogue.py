@@ -3,14 +3,12 @@ and builds rewards by name. base.py imports none of the reward modules, so they 
 
 from __future__ import annotations
 
-import inspect
-
-from .base import _REGISTRY, Reward, check_memory_options
+from .base import _MIN_FRAMES, _REGISTRY, Reward, check_memory_options
 
 
 def _load_builtin() -> None:
     # Importing the modules registers their rewards; model-based rewards import lazily inside.
-    from . import combine, jpeg  # noqa: F401
+    from . import combine, jpeg, temporal  # noqa: F401
 
     try:
         from . import models  # noqa: F401  (model-based rewards, if present)
@@ -29,21 +27,43 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_reward(name: str, **options) -> Reward:
-    """Build a registered reward; unknown names raise listing the valid ones."""
+def build_reward(name: str, frames="all", **options) -> Reward:
+    """Build a registered reward; unknown names raise listing the valid ones. `frames` ("all" or k) and
+    the registered min_frames ride on the reward: frames.score_frames reads them to score videos."""
+    from .frames import check_frames
+
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
     check_memory_options(name, options)  # before the factory loads a model for nothing
+    check_frames(name, frames)
     try:
-        return _REGISTRY[name](**options)
+        reward = _REGISTRY[name](**options)
     except TypeError as e:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
+    reward.frames, reward.min_frames = frames, _MIN_FRAMES[name]
+    return reward
+
+
+def reward_min_frames(name: str) -> int:
+    """Frames per clip a registered reward needs: 1 for image rewards, more for video rewards."""
+    _load_builtin()
+    return _MIN_FRAMES.get(name, 1)
 
 
 def reward_options(name: str) -> list[str]:
     """The keyword options a registered reward's factory takes (e.g. path, reward_dir, device)."""
+    import inspect
+
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
-    return list(inspect.signature(_REGISTRY[name]).parameters)
+    return [*inspect.signature(_REGISTRY[name]).parameters, "frames"]  # frames: every reward (build_reward)
+
+
+def reward_factory(name: str):
+    """The registered factory of a reward (its signature gives the options and their defaults)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]

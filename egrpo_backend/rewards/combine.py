@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Reward, check_scores
+from .frames import score_frames
 
 
 class WeightedRewards:
@@ -21,8 +22,8 @@ class WeightedRewards:
         self.name = "+".join(f"{w:g}*{n}" for n, w in self.weights.items()) if len(names) > 1 else names[0]
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Unweighted scores of each reward, name -> [B]."""
-        return {r.name: check_scores(r(images, prompts), images.shape[0], r.name) for r in self.rewards}
+        """Unweighted scores of each reward, name -> [B]; images [B, C, H, W] or videos [B, F, C, H, W]."""
+        return {r.name: check_scores(score_frames(r, images, prompts), images.shape[0], r.name) for r in self.rewards}
 
     def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * scores for name, scores in components.items())

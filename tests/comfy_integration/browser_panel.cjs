@@ -1,9 +1,12 @@
 // Drives the real ComfyUI frontend with playwright-core + a system chromium (run by test_browser_panel.py).
 // Opens the UI, opens the E-GRPO sidebar tab, queues a training prompt (POST /api/prompt), watches the
-// panel show the job's progress (pushed over the websocket), takes a screenshot, clicks Cancel and waits
-// until the panel shows the job cancelled. Prints one line "RESULT {json}" for the test to check.
+// panel show the job's progress (pushed over the websocket) until its before/after grid is there,
+// overlays another job's curves (compareWith), measures where the essentials are (bounding boxes), takes a
+// screenshot, clicks Cancel and waits until the panel shows the job cancelled. Prints one line
+// "RESULT {json}" for the test to check.
 // argv: a JSON file {url, chromium, timeoutMs, prompt?, jobName?, screenshot?, minIteration?, workflow?,
-// screenshotAfter?, checkWorkflows?} (checkWorkflows: load each workflow and report the widgets it got).
+// compareWith?, screenshotAfter?, checkWorkflows?} (checkWorkflows: load each workflow and report the
+// widgets it got).
 // playwright-core is found through $PLAYWRIGHT_CORE (its folder) or the normal require paths.
 "use strict";
 const fs = require("fs");
@@ -73,8 +76,8 @@ const log = (...a) => console.log(`[browser ${new Date().toISOString().slice(11,
     const panel = page.locator(".egrpo-panel");
     await panel.waitFor({ state: "visible" });
     await page.getByText("E-GRPO jobs").first().waitFor();
-    result.empty_text = (await panel.innerText()).slice(0, 200);
-    log("panel open:", JSON.stringify(result.empty_text));
+    result.first_text = (await panel.innerText()).slice(0, 300);
+    log("panel open:", JSON.stringify(result.first_text));
 
     const res = await page.evaluate(async (prompt) => {
       const r = await fetch("/api/prompt", { method: "POST", headers: { "Content-Type": "application/json" },
@@ -86,10 +89,11 @@ const log = (...a) => console.log(`[browser ${new Date().toISOString().slice(11,
     log("queued prompt", result.prompt_id);
 
     // the panel learns of the job from websocket events (no polling): a row appears, then runs
-    const row = page.locator(cfg.jobName ? `.egrpo-job[data-job^="${cfg.jobName}-"]` : ".egrpo-job").first();
+    const row = page.locator(`.egrpo-job[data-job^="${cfg.jobName}-"]`).first();
     await row.waitFor({ state: "visible" });
     result.job = await row.getAttribute("data-job");
     log("job row:", result.job);
+    await row.click();  // its page (the running job is also chosen by default)
     const seen = new Set();
     const t0 = Date.now();
     let progress = 0, iteration = 0;
@@ -99,25 +103,44 @@ const log = (...a) => console.log(`[browser ${new Date().toISOString().slice(11,
       const width = await row.locator(".egrpo-progress").evaluate((e) => parseFloat(e.style.width) || 0);
       const m = text.match(/(\d+)\/(\d+) it/);
       iteration = m ? +m[1] : 0;
-      const key = `${status} ${width}% ${text.slice(0, 80)}`;
+      const grid = await page.locator(".egrpo-page .egrpo-grid-img").count();
+      const key = `${status} ${width}% grid=${grid} ${text.slice(0, 100)}`;
       if (!seen.has(key)) { seen.add(key); result.panel_log.push(key); log(key); }
       progress = width;
-      if (status === "running" && iteration >= cfg.minIteration && width > 0) break;
+      if (status === "running" && iteration >= cfg.minIteration && width > 0 && grid) break;
       if (["finished", "failed", "cancelled"].includes(status)) throw new Error(`job ended before cancel: ${text}`);
       await page.waitForTimeout(250);
     }
     result.progress_before_cancel = progress;
     result.iteration_before_cancel = iteration;
     if (!(progress > 0)) throw new Error("no progress shown in the panel");
-    await page.locator(".egrpo-curve").first().waitFor();
-    if (await page.locator(".egrpo-plan").count())
-      await page.locator(".egrpo-plan").first().evaluate((img) => img.complete || new Promise((r) => (img.onload = img.onerror = r)));
-    await page.waitForTimeout(500);
+    result.rows = await page.locator(".egrpo-job").evaluateAll((rows) => rows.map((r) => ({
+      job: r.dataset.job, status: r.dataset.status, title: r.title, text: r.innerText.replace(/\s+/g, " ") })));
+    if (cfg.compareWith) {  // overlay the finished job's curves
+      const other = result.rows.find((r) => r.job.startsWith(cfg.compareWith + "-"));
+      if (other) await page.locator(".egrpo-page .egrpo-compare").selectOption(other.job);
+      result.compare = other ? other.job : null;
+    }
+    const img = page.locator(".egrpo-page .egrpo-grid-img");
+    await img.evaluate((i) => i.complete || new Promise((r) => (i.onload = i.onerror = r)));
+    result.grid_natural = await img.evaluate((i) => [i.naturalWidth, i.naturalHeight]);
+    await page.waitForTimeout(800);
+    // the essentials must be on screen without scrolling: their boxes inside the 1400 x 860 viewport
+    // measured in one go (the panel re-renders on every job event: never half-way through one)
+    await page.locator(".egrpo-page .egrpo-plan").first().waitFor();
+    result.boxes = await page.evaluate((sels) => Object.fromEntries(Object.entries(sels).map(([name, sel]) => {
+      const e = document.querySelector(sel), r = e && e.getBoundingClientRect();
+      return [name, r ? { x: r.x, y: r.y, width: r.width, height: r.height } : null];
+    })), { curve: ".egrpo-page .egrpo-curve", grid: ".egrpo-page .egrpo-grid-img", phases: ".egrpo-page .egrpo-phases",
+      diagnostics: ".egrpo-page .egrpo-diagnostics", plan: ".egrpo-page .egrpo-plan", list: ".egrpo-job-list" });
+    result.viewport = page.viewportSize();
+    result.page_text = (await page.locator(".egrpo-page").innerText()).replace(/\s+/g, " ").slice(0, 800);
+    log("boxes", JSON.stringify(result.boxes));
     await page.screenshot({ path: cfg.screenshot });
     result.screenshot = cfg.screenshot;
     log("screenshot", cfg.screenshot);
 
-    await row.locator(".egrpo-cancel").click();
+    await page.locator(".egrpo-page .egrpo-cancel").click();
     log("clicked Cancel");
     const done = page.locator(`.egrpo-job[data-job="${result.job}"][data-status="cancelled"]`);
     await done.waitFor({ state: "visible" });
@@ -126,7 +149,7 @@ const log = (...a) => console.log(`[browser ${new Date().toISOString().slice(11,
     log("panel shows:", result.final_text);
     await page.waitForTimeout(1000);
     result.toasts = await page.locator(".p-toast-message").allInnerTexts();
-    result.resume_button = (await done.locator(".egrpo-resume").count()) > 0;
+    result.resume_button = (await page.locator(".egrpo-page .egrpo-resume").count()) > 0;
     if (cfg.screenshotAfter) await page.screenshot({ path: cfg.screenshotAfter });
   } catch (e) {
     result.error = String(e && e.stack || e).slice(0, 2000);

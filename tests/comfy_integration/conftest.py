@@ -203,7 +203,6 @@ def run_comfy_python(code: str, *args, timeout: float = 600, cwd=None, env=None)
 def tiny_flux(tmp_path_factory):
     """Make a tiny Flux file, then train its LoRA 2 iterations through the comfy policy (child process)."""
     import torch
-    from safetensors.torch import save_file
 
     tmp = tmp_path_factory.mktemp("tinyflux")
     model_path = tmp / "diffusion_models" / "tiny_flux.safetensors"
@@ -213,16 +212,16 @@ def tiny_flux(tmp_path_factory):
     print("tiny Flux:", made.stdout.strip().splitlines()[-1])
 
     # The conds a real run would encode with ComfyUI's CLIP in the server process (random here: no text
-    # encoders are needed by the child; the layout is what nodes/train_nodes.py writes).
+    # encoders are needed by the child; written with the function nodes/train_nodes.py uses).
+    sys.path.insert(0, str(REPO))
+    from egrpo_backend.policies.comfy_conds import write_comfy_conds
+
     job = tmp / "job"
     job.mkdir()
     prompts = ["a red cube", "a blue ball", ""]
     g = torch.Generator().manual_seed(0)
-    conds = {}
-    for i, _ in enumerate(prompts):
-        conds[f"cond.{i}"] = torch.randn(1, 5, 32, generator=g)
-        conds[f"pooled.{i}"] = torch.randn(1, 32, generator=g)
-    save_file(conds, str(tmp / "conds.safetensors"), metadata={"prompts": json.dumps(prompts)})
+    write_comfy_conds({p: [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+                       for p in prompts}, tmp / "conds.safetensors")
     # model settings as E-GRPO Train LoRA writes them, nothing forced: gradient checkpointing stays "auto"
     # (which must resolve to on for a comfy model even on the CPU: Flux blocks add residuals in place)
     spec = {"model": {"source": "comfy", "path": str(model_path),
