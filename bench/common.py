@@ -113,7 +113,7 @@ def held_out(policy, reward, sigmas: list[float]) -> dict:
     distance of the 200 held-out (prompt, seed) ODE samples."""
     from egrpo_backend.default_model.digits import digit_of_prompt
     from egrpo_backend.default_model.policy import default_job_inputs
-    from egrpo_backend.evaluation import evaluate
+    from egrpo_backend.jobs.evaluation import evaluate
 
     inputs = default_job_inputs()
     res = evaluate(policy, reward, inputs["eval_pairs"], sigmas, group_key=digit_of_prompt, drift_fn=inputs["drift_fn"])
@@ -129,7 +129,7 @@ def base_eval() -> dict:
 
     torch.set_num_threads(1)
     from egrpo_backend.default_model.policy import load_default_policy
-    from egrpo_backend.evaluation import bootstrap_ci
+    from egrpo_backend.jobs.evaluation import bootstrap_ci
     from egrpo_backend.rewards import build_reward
 
     res = held_out(load_default_policy(), build_reward("digit_probability"), eval_sigmas())
@@ -141,7 +141,7 @@ def real_reference() -> dict:
     real train split against the held-out split."""
     from egrpo_backend.default_model.digits import prompt_for, real_digits
     from egrpo_backend.default_model.metrics import nearest_real_distance
-    from egrpo_backend.evaluation import within_prompt_diversity
+    from egrpo_backend.jobs.evaluation import within_prompt_diversity
     from egrpo_backend.rewards import build_reward
 
     x, y = real_digits("heldout")
@@ -167,7 +167,7 @@ def run_one(task: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from egrpo_backend.build import build_trainer
+    from egrpo_backend.jobs.build import build_trainer
     from egrpo_backend.config import JobSpec
 
     trainer = build_trainer(JobSpec.from_dict(spec_for(task["preset"], task["seed"], task.get("overrides"))))
@@ -216,7 +216,7 @@ def summarise(runs: list[dict], mark: str, base: dict) -> dict:
     seeds' per-sample scores, per-seed values, judge accuracy, diversity (and % of base), nearest real."""
     import numpy as np
 
-    from egrpo_backend.evaluation import bootstrap_ci
+    from egrpo_backend.jobs.evaluation import bootstrap_ci
 
     table = {}
     for name in dict.fromkeys(r["name"] for r in runs):
@@ -315,14 +315,14 @@ def plot_frontier(data: dict, path: Path, title: str) -> None:
 
 
 def write_json(name: str, data: dict, out: Path = RESULTS) -> None:
-    from egrpo_backend.atomic import atomic_write_json
+    from egrpo_backend.jobs.atomic import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{name}.json", data)
 
 
 def write_md(name: str, lines: list[str], out: Path = RESULTS) -> None:
-    from egrpo_backend.atomic import atomic_write_text
+    from egrpo_backend.jobs.atomic import atomic_write_text
 
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -24,11 +24,11 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    from egrpo_backend.atomic import atomic_write_json
-    from egrpo_backend.build import build_trainer
+    from egrpo_backend.jobs.atomic import atomic_write_json
+    from egrpo_backend.jobs.build import build_trainer
     from egrpo_backend.config import JobSpec
     from egrpo_backend.default_model.policy import default_job_inputs
-    from egrpo_backend.rollout import expected_nfe
+    from egrpo_backend.method.rollout import expected_nfe
 
     spec = JobSpec.from_dict(spec_for("egrpo", 0))
     trainer = build_trainer(spec)

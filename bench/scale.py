@@ -4,7 +4,7 @@ Random weights from the published configs (bench/scale_models.py), materialised 
 dtype on the device; a full-size 16-channel VAE and a random CLIP ViT-H/14 reward (offloaded to the
 CPU between scores); random conds of a real prompt's shapes in place of the text encoders. Each
 configuration (model, preset, resolution) runs `--iterations` E-GRPO iterations through the real
-Trainer (egrpo_backend.build.build_trainer) and records, per phase (rollout, decode, reward, update),
+Trainer (egrpo_backend.jobs.build.build_trainer) and records, per phase (rollout, decode, reward, update),
 seconds and peak device memory, plus seconds per iteration, NFE per second, the first-step ratio
 deviation, and the overhead ratio: wall time over the pure model cost of the iteration's own calls,
 where every sample through a no-grad forward costs one measured forward (per sample, at the rollout
@@ -73,7 +73,7 @@ def parse_args(argv=None):
     ap.add_argument("--offload-blocks", default="0", help="model.offload_blocks: blocks kept on the host (block swap), or auto")
     ap.add_argument("--reward-offload", default="on", choices=("on", "off", "auto"),
                     help="CLIP-H reward between scores: on the host (on), on the device (off), or decided after the "
-                         "first iteration from the measured peaks (auto; egrpo_backend/memory_plan.py)")
+                         "first iteration from the measured peaks (auto; egrpo_backend/jobs/memory_plan.py)")
     ap.add_argument("--adapt-decode", action="store_true", help="after the first iteration, raise train.decode_batch "
                     "to what the measured decode peak allows (memory_plan.chunk_size)")
     ap.add_argument("--memory-cap-gb", type=float, default=0, help="CUDA: cap this process's device memory at this "
@@ -200,9 +200,9 @@ class CallCounter:
 
 def predicted_iteration_seconds(trainer, per_sample: float) -> float:
     """One iteration from the measured forward: rollout NFE + 4x the update's (forward, recompute, backward)."""
-    from egrpo_backend.algorithms import branch_starts
-    from egrpo_backend.randomness import stream_generator
-    from egrpo_backend.rollout import expected_nfe
+    from egrpo_backend.method.algorithms import branch_starts
+    from egrpo_backend.method.randomness import stream_generator
+    from egrpo_backend.method.rollout import expected_nfe
 
     algo = trainer.algo
     starts = branch_starts(algo, trainer.plan, 0, stream_generator(0, "branch", 0))
@@ -240,7 +240,7 @@ def comfy_skip_reason(args) -> str | None:
 
 def comfy_policy(args, device, compute, res, out_dir: Path):
     """The comfy path on a real model file: ComfyUI's loader and casting ops, random conds in the node's cache format."""
-    from egrpo_backend.atomic import atomic_save_safetensors
+    from egrpo_backend.jobs.atomic import atomic_save_safetensors
     from egrpo_backend.config import ComfySpec, ModelSpec
     from egrpo_backend.policies.comfy_policy import load_comfy_policy
 
@@ -260,7 +260,7 @@ def comfy_policy(args, device, compute, res, out_dir: Path):
 
 def run_config(args, model: str, preset: str, res: int, device, compute, storage, shared: dict, deadline: float | None,
                out_dir: Path) -> dict:
-    from egrpo_backend.build import build_trainer
+    from egrpo_backend.jobs.build import build_trainer
     from egrpo_backend.policies.weight_storage import bytes_by_dtype
     from egrpo_backend.rewards import WeightedRewards
 
@@ -349,8 +349,8 @@ def run_config(args, model: str, preset: str, res: int, device, compute, storage
 def adapt_memory(args, trainer, reward, phases: dict, device, resident_gb: float) -> dict:
     """After the first iteration: keep the reward on the device if it fits beside the other phases' peaks
     (--reward-offload auto), and raise the decode chunk to what the measured decode peak allows
-    (--adapt-decode). egrpo_backend/memory_plan.py decides from the measured bytes."""
-    from egrpo_backend.memory_plan import chunk_size, reward_stays_on_device
+    (--adapt-decode). egrpo_backend/jobs/memory_plan.py decides from the measured bytes."""
+    from egrpo_backend.jobs.memory_plan import chunk_size, reward_stays_on_device
 
     gib, out = 2**30, {}
     total = int(args.memory_cap_gb * gib) if args.memory_cap_gb else torch.cuda.get_device_properties(device).total_memory
@@ -395,7 +395,7 @@ def summarise(iterations: list[dict], per_sample: float, update_cost_forwards: f
 
 
 def write_results(out_dir: Path, device: torch.device, results: list[dict], meta: dict) -> Path:
-    from egrpo_backend.atomic import atomic_write_json, atomic_write_text
+    from egrpo_backend.jobs.atomic import atomic_write_json, atomic_write_text
 
     stem = f"scale_{device_name(device)}"
     atomic_write_json(out_dir / f"{stem}.json", {"meta": meta, "results": results})

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from egrpo_backend.config import JobSpec  # noqa: E402
-from egrpo_backend.jobs import create_job, read_events  # noqa: E402
+from egrpo_backend.jobs.run import create_job, read_events  # noqa: E402
 
 
 def spec(iterations: int, parallel: str, device: str = "cpu") -> dict:

@@ -11,8 +11,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import job_process  # light (no torch): the job's lock is taken before anything slow loads
-from .cancel import ACK_FILE, catch_early_sigterm
+from .jobs import process as job_process  # light (no torch): the job's lock is taken before anything slow loads
+from .jobs.cancel import ACK_FILE, catch_early_sigterm
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local files only
 if os.environ.get(job_process.LOCK_HELD_ENV) == "1" and "LOCAL_RANK" in os.environ:
@@ -44,13 +44,13 @@ def _running_job(job_dir):
 
 def _record_no_space(job_dir, error: OSError) -> None:
     """A full disk before the job could start: raised as DiskFull, and status.json says so (in place)."""
-    from .job_files import DiskFull, is_disk_full
+    from .jobs.files import DiskFull, is_disk_full
 
     if not is_disk_full(error) or isinstance(error, DiskFull):
         return
     full = DiskFull(job_dir, 4096, job_process.LOCK_FILE)
     try:
-        from .job_folder import write_status
+        from .jobs.folder import write_status
 
         write_status(job_dir, status="failed", pid=None, message=str(full))
     except OSError:
@@ -93,7 +93,7 @@ def _failed_rank(torchrun_stderr: str) -> str | None:
 def _record_rank_failure(job_dir: Path, rc: int, rank: str | None) -> None:
     """A rank that died without writing (e.g. SIGKILL) leaves no error event (rank 0 only sees a lost peer):
     the parent writes one naming the rank torchrun reports as the root cause."""
-    from .job_folder import EventLog, read_status, write_status
+    from .jobs.folder import EventLog, read_status, write_status
 
     if rank is None and read_status(job_dir).get("status") == "failed":
         return  # rank 0 recorded the error itself; a dead rank named by torchrun is still recorded below
@@ -104,7 +104,7 @@ def _record_rank_failure(job_dir: Path, rc: int, rank: str | None) -> None:
 
 
 def cmd_plan(a) -> int:
-    from .schedule import build_plan, shifted_sigmas
+    from .method.schedule import build_plan, shifted_sigmas
 
     sigmas = [float(s) for s in a.sigmas.split(",")] if a.sigmas else shifted_sigmas(a.steps, a.shift)
     plan = build_plan(sigmas, a.eta, a.tau, a.active, a.diffusion, a.reading)
@@ -118,7 +118,7 @@ def cmd_plan(a) -> int:
 
 def cmd_train(a) -> int:
     from .config import JobSpec
-    from .jobs import create_job, run_job
+    from .jobs.run import create_job, run_job
 
     spec = JobSpec.from_file(a.spec)
     create_job(spec, a.out)
@@ -132,7 +132,7 @@ def cmd_run(a) -> int:
     if a.nproc_per_node > 1:
         return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
-        from .jobs import run_job
+        from .jobs.run import run_job
 
         return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
 
@@ -145,13 +145,13 @@ def cmd_resume(a) -> int:
     if a.nproc_per_node > 1:
         return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
-        from .jobs import run_job
+        from .jobs.run import run_job
 
         return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
 
 
 def _settle(job_dir) -> None:
-    from .job_folder import settle_status
+    from .jobs.folder import settle_status
 
     if (Path(job_dir) / "job.json").is_file():
         settle_status(job_dir)
@@ -164,7 +164,7 @@ def _job_dir(path) -> Path:
 
 
 def cmd_cancel(a) -> int:
-    from .job_folder import request_cancel
+    from .jobs.folder import request_cancel
 
     signalled = request_cancel(a.job_dir)  # refuses a job that is not running
     how = "" if signalled else " (through its cancel file: its process cannot be proven from here, so no signal)"
@@ -174,14 +174,14 @@ def cmd_cancel(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .jobs import export_job
+    from .jobs.run import export_job
 
     print(export_job(a.job_dir, a.format, out=a.out))
     return 0
 
 
 def cmd_status(a) -> int:
-    from .job_folder import settle_status  # a dead run reads (and is saved) as "failed: process ended"
+    from .jobs.folder import settle_status  # a dead run reads (and is saved) as "failed: process ended"
 
     _job_dir(a.job_dir)
     print(json.dumps(settle_status(a.job_dir), indent=2))

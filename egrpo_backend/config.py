@@ -195,7 +195,7 @@ class AlgorithmSpec:
     nft_timestep_fraction: float = 0.99  # nft: each clean sample trains at int(T x this) distinct sigmas of the grid
 
     def __init__(self, preset: str = "egrpo", **values):
-        from .algorithms import PRESETS
+        from .method.algorithms import PRESETS
 
         if not isinstance(preset, str) or preset not in PRESETS:
             raise SpecError(f"algorithm.preset = {_short(preset)} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
@@ -209,10 +209,10 @@ class AlgorithmSpec:
             setattr(self, key, list(value) if isinstance(value, list) else value)
 
     def validate(self) -> None:
-        from .advantage import ADVANTAGE_MODES, REWARD_MODES
-        from .algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS, UPDATE_MODES
-        from .rollout import GRANULARITY_GRIDS
-        from .schedule import DIFFUSION_KINDS, check_merge
+        from .method.advantage import ADVANTAGE_MODES, REWARD_MODES
+        from .method.algorithms import BRANCH_KINDS, BRANCH_WEIGHTINGS, KL_FORMS, TRAIN_SUBSETS, UPDATE_MODES
+        from .method.rollout import GRANULARITY_GRIDS
+        from .method.schedule import DIFFUSION_KINDS, check_merge
         _range("algorithm.steps", self.steps, 2, 1000)
         _range("algorithm.shift", self.shift, 0, 1000, lo_open=True)
         _range("algorithm.eta", self.eta, 0, 100, lo_open=True)
@@ -277,8 +277,8 @@ class AlgorithmSpec:
                             f">= 1 and <= {len(plan.active)} (the number of active steps, algorithm.active)")
 
     def _validate_nft(self) -> None:
-        from .algorithms import LOSSES
-        from .nft import DECAY_TYPES
+        from .method.algorithms import LOSSES
+        from .method.nft import DECAY_TYPES
 
         _choice("algorithm.loss", self.loss, LOSSES)
         _range("algorithm.nft_beta", self.nft_beta, 0, lo_open=True)
@@ -301,12 +301,12 @@ class AlgorithmSpec:
                             "algorithm.reward_mode = 'weighted_sum'")
 
     def grid(self) -> list[float]:
-        from .schedule import shifted_sigmas
+        from .method.schedule import shifted_sigmas
 
         return [float(s) for s in self.sigmas] if self.sigmas else shifted_sigmas(self.steps, self.shift)
 
     def plan(self):
-        from .schedule import build_plan
+        from .method.schedule import build_plan
 
         return build_plan(self.grid(), self.eta, self.tau, self.active, self.diffusion, merge=self.merge)
 
@@ -491,7 +491,7 @@ class JobSpec:
         for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
             raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
                             f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
-        from .provenance import check_header_size
+        from .jobs.provenance import check_header_size
 
         check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1
         return self

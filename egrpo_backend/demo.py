@@ -43,7 +43,7 @@ DRIFT_LIMIT = 0.05
 def heldout_report(policy, reward, pairs, sigmas) -> tuple[dict, "torch.Tensor"]:
     from .default_model.digits import digit_of_prompt
     from .default_model.metrics import nearest_real_distance
-    from .evaluation import evaluate
+    from .jobs.evaluation import evaluate
 
     res = evaluate(policy, reward, pairs, sigmas, group_key=digit_of_prompt)
     images = res.pop("images")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     from . import lora
     from .config import JobSpec
-    from .jobs import create_job, run_job
+    from .jobs.run import create_job, run_job
     from .policies import source_defaults
     from .default_model.policy import load_default_policy
     from .rewards import build_reward
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         shutil.copy(path, out / "lora" / Path(path).name)
     before_after_grid(base_images, tuned_images, pairs, out / "before_after.png")
 
-    from .jobs import read_events
+    from .jobs.run import read_events
 
     guard = next((e for e in read_events(job)[0] if e["type"] == "guard"), None)
     kept = guard["restored"] if guard else result["iteration"]

@@ -1,5 +1,5 @@
 """What a training job would refuse later, checked in E-GRPO Train LoRA before any job folder exists
-(the node's own inputs; the spec's values and this machine are egrpo_backend.preflight's).
+(the node's own inputs; the spec's values and this machine are egrpo_backend.jobs.preflight's).
 
 The child process validates its spec again, but a mistake found there costs a job folder, a child
 start and a failed row in the panel. These checks raise the same complaint at once, as the node's

@@ -1,6 +1,6 @@
 """Background training jobs inside ComfyUI's process: start, queue, tail, cancel, resume, delete.
 
-Each job is a folder under the jobs root (see egrpo_backend/jobs.py for its layout) and runs as a
+Each job is a folder under the jobs root (see egrpo_backend/jobs/run.py for its layout) and runs as a
 child process `python -m egrpo_backend run|resume JOB_DIR`, so the ComfyUI queue is never blocked,
 a crash or OOM cannot take ComfyUI down, and cancelling frees all of the child's memory. One job
 runs at a time (they share the GPU); the others wait in a FIFO queue that is saved in the jobs root
@@ -12,7 +12,7 @@ child answered a graceful cancel: it stops at its next safe point) and, when a c
 writing its end (SIGKILL, OOM killer), an "error" with the tail of its log.
 
 What is true about a job comes from its folder, never from a guess:
-- A job runs exactly while a process holds its process.lock (egrpo_backend/job_process.py). A pid
+- A job runs exactly while a process holds its process.lock (egrpo_backend/jobs/process.py). A pid
   alone proves nothing (pids are reused after a restart), so a pid is signalled only when it is this
   manager's own unreaped child, or the lock holder proven by its start time.
 - When the process ends, a final status the folder holds (the child's own "finished", "cancelled",
@@ -36,10 +36,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from egrpo_backend import job_process
-from egrpo_backend import jobs as backend_jobs
-from egrpo_backend.cancel import ACK_FILE
-from egrpo_backend.checkpoint import read_checkpoint
+from egrpo_backend.jobs import process as job_process
+from egrpo_backend.jobs import run as backend_jobs
+from egrpo_backend.jobs.cancel import ACK_FILE
+from egrpo_backend.jobs.checkpoint import read_checkpoint
 from egrpo_backend.paths import check_name, safe_join
 
 from . import job_view
@@ -164,7 +164,7 @@ class JobManager:
             try:
                 backend_jobs.create_job(spec, path)
                 if gpus > 1:
-                    from egrpo_backend.atomic import atomic_write_json
+                    from egrpo_backend.jobs.atomic import atomic_write_json
 
                     atomic_write_json(path / LAUNCH_FILE, {"gpus": gpus})
             except BaseException:

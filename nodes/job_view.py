@@ -1,7 +1,7 @@
 """What the panel shows of a job beyond its status: who it is (short id, model family, preset, start),
 its ETA as a range, and its curves (docs/comfyui.md, "The panel").
 
-All of it is read from the job folder's events (egrpo_backend/jobs.py lists them), never guessed:
+All of it is read from the job folder's events (egrpo_backend/jobs/run.py lists them), never guessed:
 - ETA: the wall-clock seconds between consecutive "metrics" events of the current run (so evaluations,
   sample grids and checkpoints count), averaged over the last ETA_WINDOW iterations. While fewer than
   ETA_STABLE_AFTER intervals are known, or they vary by more than ETA_STABLE_CV (coefficient of

@@ -83,7 +83,7 @@ def sampler_options(eta, tau, active, diffusion, plan=None) -> dict:
     """The sampler's options from the widgets, or from a plan; checks `active` now, not mid-sampling."""
     if plan is not None:
         return {"eta": plan.eta, "tau": plan.tau, "active": plan.active, "diffusion": plan.diffusion}
-    from egrpo_backend.schedule import parse_active_steps
+    from egrpo_backend.method.schedule import parse_active_steps
 
     parse_active_steps(active, 1000)  # syntax check; the range is checked against the real grid
     return {"eta": float(eta), "tau": float(tau), "active": active, "diffusion": diffusion}

@@ -4,7 +4,7 @@ ComfyUI's KSAMPLER calls `fn(model, x, sigmas, extra_args, callback, disable, **
 `model(x, sigma * s_in, **extra_args)` returns the denoised x0 (after CFG) and x is already noised
 to sigmas[0]. For flow models x_t = sigma * noise + (1 - sigma) * x0, so the velocity the engine
 uses is v = (x_t - x0) / sigma. Each step follows the entropy plan of the grid it is given: an
-active ("sde") step i takes one consolidated SDE step i -> i + l_i (egrpo_backend.sde.sde_step), every
+active ("sde") step i takes one consolidated SDE step i -> i + l_i (egrpo_backend.method.sde.sde_step), every
 other step is an Euler ODE step, and a step that lands on sigma = 0 returns x0 (no noise is added
 to the clean image).
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from egrpo_backend.schedule import EntropyPlan, build_plan
-from egrpo_backend.sde import ode_step, sde_step
+from egrpo_backend.method.schedule import EntropyPlan, build_plan
+from egrpo_backend.method.sde import ode_step, sde_step
 
 
 def plan_for(sigmas, eta: float, tau: float, active, diffusion: str = "flow_grpo") -> EntropyPlan:

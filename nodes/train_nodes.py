@@ -25,7 +25,7 @@ DEVICES = ["auto", "cpu", "cuda"]
 
 
 def _presets() -> list[str]:
-    from egrpo_backend.algorithms import PRESETS
+    from egrpo_backend.method.algorithms import PRESETS
 
     return list(PRESETS)
 
@@ -222,7 +222,7 @@ class TrainLoraNode(io.ComfyNode):
                 device="auto", gpus=1, spec_overrides="", length=ComfySpec.length) -> io.NodeOutput:
         from egrpo_backend.config import JobSpec
         from egrpo_backend.paths import check_name
-        from egrpo_backend.preflight import preflight
+        from egrpo_backend.jobs.preflight import preflight
 
         check_name(name, "name")
         if not reward:
@@ -257,7 +257,7 @@ class TrainLoraNode(io.ComfyNode):
         preflight(job)  # what the job would refuse on this machine (device, files, prompt rules), before any file
         job_checks.check_gpus(gpus, job.train.device, job.train.prompts_per_iteration)
         if source == "comfy" and not (job_dir / "job.json").exists():
-            from egrpo_backend.build import texts_to_encode
+            from egrpo_backend.jobs.build import texts_to_encode
 
             encode_prompts(clip, texts_to_encode(job), job_dir / "conds.safetensors")  # exactly what the job encodes
         manager.submit(spec, job_id, gpus=gpus)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-# An egrpo_backend.schedule.EntropyPlan (frozen dataclass): sigmas, eta, tau, per-step kind/merge.
+# An egrpo_backend.method.schedule.EntropyPlan (frozen dataclass): sigmas, eta, tau, per-step kind/merge.
 Plan = io.Custom("EGRPO_PLAN")
 # A list of prompt strings (non-empty, stripped).
 Prompts = io.Custom("EGRPO_PROMPTS")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from egrpo_backend.advantage import ADVANTAGE_MODES, advantages, normalise
-from egrpo_backend.objective import clipped_objective
+from egrpo_backend.method.advantage import ADVANTAGE_MODES, advantages, normalise
+from egrpo_backend.method.objective import clipped_objective
 
 
 def test_hand_computed_group_advantage():

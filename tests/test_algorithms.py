@@ -6,14 +6,14 @@ import dataclasses
 import pytest
 import torch
 
-from egrpo_backend.advantage import advantages
-from egrpo_backend.algorithms import (LOSSES, PRESETS, branch_starts, coarse_grid_authors, sliding_window, train_mask,
+from egrpo_backend.method.advantage import advantages
+from egrpo_backend.method.algorithms import (LOSSES, PRESETS, branch_starts, coarse_grid_authors, sliding_window, train_mask,
                                       trained_count)
 from egrpo_backend.config import AlgorithmSpec, JobSpec
-from egrpo_backend.guidance import GuidedVelocity
-from egrpo_backend.rollout import coarse_grid, expected_nfe, finish_grid, rollout
-from egrpo_backend.schedule import shifted_sigmas
-from egrpo_backend.sde import flow_grpo_kl, gaussian_kl
+from egrpo_backend.method.guidance import GuidedVelocity
+from egrpo_backend.method.rollout import coarse_grid, expected_nfe, finish_grid, rollout
+from egrpo_backend.method.schedule import shifted_sigmas
+from egrpo_backend.method.sde import flow_grpo_kl, gaussian_kl
 from test_rollout import CountingPolicy, generators, rewards_of
 
 

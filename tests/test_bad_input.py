@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from egrpo_backend.config import JobSpec, SpecError
-from egrpo_backend.jobs import create_job, export_job
+from egrpo_backend.jobs.run import create_job, export_job
 from egrpo_backend.rewards import build_reward, check_scores
 
 

@@ -1,4 +1,4 @@
-"""The fixed-seed before/after grid (egrpo_backend/before_after.py): drawn at every held-out evaluation
+"""The fixed-seed before/after grid (egrpo_backend/jobs/before_after.py): drawn at every held-out evaluation
 and announced by an event; a resumed job draws its base row again with the LoRA off, and it is the same
 picture as the first run's (same seeds, base model)."""
 
@@ -11,8 +11,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from egrpo_backend.before_after import grid_columns  # noqa: E402
-from egrpo_backend.jobs import create_job, read_events, resume_job, run_job  # noqa: E402
+from egrpo_backend.jobs.before_after import grid_columns  # noqa: E402
+from egrpo_backend.jobs.run import create_job, read_events, resume_job, run_job  # noqa: E402
 from test_jobs import tiny_spec  # noqa: E402
 
 

@@ -73,7 +73,7 @@ def test_compare_runs_every_preset_but_the_multi_reward_variant():
     """A new preset joins the comparison by default, or this test names it."""
     import compare
 
-    from egrpo_backend.algorithms import PRESETS
+    from egrpo_backend.method.algorithms import PRESETS
 
     assert set(compare.METHODS) == set(PRESETS) - {"nft_multi_reward"}
 

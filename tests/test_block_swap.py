@@ -224,7 +224,7 @@ def test_comfy_blocks_swap_through_comfy_checkpointing():
 
 def test_a_job_with_block_swap_trains_the_same_lora(sd3_folder, tmp_path):  # noqa: F811
     """The spec field end to end: build_trainer -> policy with swap -> one E-GRPO iteration -> the same LoRA."""
-    from egrpo_backend.build import build_trainer
+    from egrpo_backend.jobs.build import build_trainer
 
     def train(offload):
         job = tmp_path / f"job{offload}"

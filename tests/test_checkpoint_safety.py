@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from egrpo_backend.__main__ import main
-from egrpo_backend.checkpoint import CheckpointError, latest_checkpoint
-from egrpo_backend.jobs import create_job, export_job, run_job
+from egrpo_backend.jobs.checkpoint import CheckpointError, latest_checkpoint
+from egrpo_backend.jobs.run import create_job, export_job, run_job
 from test_jobs import tiny_spec
 
 

@@ -66,7 +66,7 @@ def test_rewards_lists_the_registry(capsys):
 
 def test_backend_imports_without_comfyui():
     """egrpo_backend never imports ComfyUI at import time (only the comfy policy does, in a job's child)."""
-    code = ("import sys, egrpo_backend.jobs, egrpo_backend.trainer, egrpo_backend.policies, egrpo_backend.rewards, "
+    code = ("import sys, egrpo_backend.jobs.run, egrpo_backend.method.trainer, egrpo_backend.policies, egrpo_backend.rewards, "
             "egrpo_backend.lora, egrpo_backend.__main__; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'server', 'nodes')]; "
             "assert not bad, bad")

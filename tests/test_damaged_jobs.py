@@ -14,7 +14,7 @@ import comfy_fakes
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from egrpo_backend.jobs import create_job, write_status  # noqa: E402
+from egrpo_backend.jobs.run import create_job, write_status  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

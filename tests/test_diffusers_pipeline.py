@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from egrpo_backend.jobs import create_job, run_job
+from egrpo_backend.jobs.run import create_job, run_job
 from test_rewards_models import tiny_clip_vocab, write_clip_tokenizer
 from tiny_models import make_tiny_sd3, make_tiny_vae
 

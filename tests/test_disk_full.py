@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 
-from egrpo_backend import job_files
-from egrpo_backend import jobs as jobs_module
+from egrpo_backend.jobs import files as job_files
+from egrpo_backend.jobs import run as jobs_module
 from egrpo_backend.__main__ import main
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
-from egrpo_backend.job_files import DiskFull
-from egrpo_backend.jobs import EventLog, create_job, read_events, read_status, run_job
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint
+from egrpo_backend.jobs.files import DiskFull
+from egrpo_backend.jobs.run import EventLog, create_job, read_events, read_status, run_job
 from test_jobs import tiny_spec
 
 
@@ -74,7 +74,7 @@ def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_last_checkpoint_su
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("egrpo_backend.checkpoint.torch.save", no_space)
+    monkeypatch.setattr("egrpo_backend.jobs.checkpoint.torch.save", no_space)
     rc, err = cli("resume", str(job), "--quiet")
     assert rc == 2 and "Traceback" not in err, err
     assert "disk full" in err and str(job / "checkpoints") in err and "bytes" in err, err
@@ -96,7 +96,7 @@ def test_when_even_the_failed_status_cannot_be_written_it_reads_failed(job, monk
     rc, err = cli("resume", str(job), "--quiet")
     assert rc == 2 and "Traceback" not in err and "disk full" in err, err
     assert read_status(job)["status"] == "running"  # the last word the disk took
-    from egrpo_backend.job_folder import current_status
+    from egrpo_backend.jobs.folder import current_status
 
     assert current_status(job)["status"] == "failed" and current_status(job)["message"].startswith("process ended")
     assert all(line.endswith(b"}") for line in (job / "events.jsonl").read_bytes().splitlines())

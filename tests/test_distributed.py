@@ -94,7 +94,7 @@ class Brightness:
 def _trainer_run(rank: int, world: int, port: int, out: dict, parallel: str = "ddp") -> None:
     from egrpo_backend.lora import LoraSettings, add_lora, lora_tensors
     from egrpo_backend.rewards import WeightedRewards
-    from egrpo_backend.trainer import Trainer
+    from egrpo_backend.method.trainer import Trainer
     from test_trainer import PROMPTS, small_spec
     from tiny_models import make_policy
 
@@ -138,7 +138,7 @@ def test_two_ranks_train_like_one_process(parallel):
                     assert a[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
         diffs = [(lora[name] - tensor).abs().max().item() for name, tensor in single_lora.items()]
         # Measured 0.0: prompts are never batched together and gradients are summed in float64
-        # (egrpo_backend/gradient_sync.py), so the world size does not change a bit.
+        # (egrpo_backend/method/gradient_sync.py), so the world size does not change a bit.
         assert max(diffs) < 1e-6
 
 
@@ -167,7 +167,7 @@ def test_sigkill_of_rank_1_fails_the_job_naming_it_then_resume_finishes(tmp_path
 
     from test_jobs import tiny_spec
     from egrpo_backend.config import JobSpec
-    from egrpo_backend.jobs import create_job, read_events, read_status
+    from egrpo_backend.jobs.run import create_job, read_events, read_status
 
     job = tmp_path / "job"
     create_job(JobSpec.from_dict(tiny_spec(40, prompts_per_iteration=2)), job)
@@ -217,7 +217,7 @@ def _ranks(n: int) -> list[str]:
 def straight_one_rank_lora(tmp_path_factory):
     from test_jobs import lora_of, tiny_spec
     from egrpo_backend.config import JobSpec
-    from egrpo_backend.jobs import create_job
+    from egrpo_backend.jobs.run import create_job
 
     job = tmp_path_factory.mktemp("straight") / "job"
     create_job(JobSpec.from_dict(tiny_spec(3, prompts_per_iteration=2)), job)
@@ -231,7 +231,7 @@ def test_checkpoint_resumes_on_another_world_size_exactly(tmp_path, straight_one
     iterations in one process (LoRA within 1e-6; measured bit-equal)."""
     from test_jobs import lora_of, tiny_spec
     from egrpo_backend.config import JobSpec
-    from egrpo_backend.jobs import create_job, read_status
+    from egrpo_backend.jobs.run import create_job, read_status
 
     job = tmp_path / "job"
     create_job(JobSpec.from_dict(tiny_spec(3, prompts_per_iteration=2, parallel=parallel)), job)
@@ -255,7 +255,7 @@ def test_max_restarts_restarts_the_ranks_and_resumes_without_help(tmp_path):
 
     from test_jobs import tiny_spec
     from egrpo_backend.config import JobSpec
-    from egrpo_backend.jobs import create_job, read_events, read_status
+    from egrpo_backend.jobs.run import create_job, read_events, read_status
 
     job = tmp_path / "job"
     create_job(JobSpec.from_dict(tiny_spec(8, prompts_per_iteration=2)), job)

@@ -17,14 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from egrpo_backend import job_process  # noqa: E402
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
+from egrpo_backend.jobs import process as job_process  # noqa: E402
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
 from test_job_manager import sent, spec, wait_for  # noqa: E402
 
 SLOW_SITE = '''
 import time
-from egrpo_backend import guidance
+from egrpo_backend.method import guidance
 
 _call = guidance.GuidedVelocity.__call__
 
@@ -92,8 +92,8 @@ def test_force_cancel_stays_immediate(slow_manager):
 def test_an_iteration_dropped_at_a_safe_point_is_repeated_exactly_on_resume(tmp_path, monkeypatch):
     """A cancel seen after the rollout of iteration 2 drops it (cursor and RNG back to its start); the job
     reads cancelled at 1 and, resumed, ends with the very LoRA a straight run gives."""
-    from egrpo_backend.jobs import create_job, read_events, read_status, resume_job, run_job
-    from egrpo_backend.trainer import Trainer
+    from egrpo_backend.jobs.run import create_job, read_events, read_status, resume_job, run_job
+    from egrpo_backend.method.trainer import Trainer
     from test_jobs import assert_same_lora, lora_of, tiny_spec
 
     straight = create_job(tiny_spec(iterations=3), tmp_path / "straight")

@@ -15,7 +15,7 @@ comfy_fakes.install()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from egrpo_backend.jobs import create_job  # noqa: E402
+from egrpo_backend.jobs.run import create_job  # noqa: E402
 from nodes import train_nodes  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
 

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from egrpo_backend import job_process
-from egrpo_backend.job_files import UnsafeJobFile
-from egrpo_backend.jobs import EventLog, create_job, export_job, request_cancel, run_job, write_status
+from egrpo_backend.jobs import process as job_process
+from egrpo_backend.jobs.files import UnsafeJobFile
+from egrpo_backend.jobs.run import EventLog, create_job, export_job, request_cancel, run_job, write_status
 from test_jobs import tiny_spec
 
 

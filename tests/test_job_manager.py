@@ -19,9 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from egrpo_backend import job_process  # noqa: E402
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
-from egrpo_backend.jobs import create_job, read_status, request_cancel, write_status  # noqa: E402
+from egrpo_backend.jobs import process as job_process  # noqa: E402
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint  # noqa: E402
+from egrpo_backend.jobs.run import create_job, read_status, request_cancel, write_status  # noqa: E402
 from nodes.job_manager import JobError, JobManager  # noqa: E402
 
 FAST = {
@@ -210,7 +210,7 @@ def test_a_live_unrelated_process_with_the_saved_pid_is_never_signalled(manager,
 def test_the_lock_holder_counts_only_while_its_start_time_matches(tmp_path):
     """job_owner needs the lock held AND the recorded start time: a pid written by anyone else is not proof."""
     job = create_job(spec(3), tmp_path / "job")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from egrpo_backend import job_process; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from egrpo_backend.jobs import process as job_process; "
                                "job_process.claim(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(job)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     proc, flag = _bystander(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint
 from nodes.job_manager import RUN_ENV, job_processes
 from test_job_manager import manager, sent, spec, wait_for  # noqa: F401 (manager is a fixture)
 

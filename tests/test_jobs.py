@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
-from egrpo_backend.jobs import create_job, read_events, read_status, request_cancel, resume_job, run_job
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint
+from egrpo_backend.jobs.run import create_job, read_events, read_status, request_cancel, resume_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_failure_is_recorded(tmp_path, monkeypatch):
 def test_diversity_guard_stops_and_restores_the_last_passing_lora(tmp_path, monkeypatch):
     """The reward-hacking guard: when held-out diversity falls below guard x base, the run stops
     and the LoRA of the last evaluation that passed is the one exported."""
-    from egrpo_backend import evaluation
+    from egrpo_backend.jobs import evaluation
 
     diversities = iter([4.0, 3.9, 3.0, 3.0, 3.0])  # base, iteration 1 (passes), iteration 2 (collapse)
 
@@ -176,7 +176,7 @@ def test_diversity_guard_stops_and_restores_the_last_passing_lora(tmp_path, monk
 def test_drift_guard_stops_when_samples_leave_real_data(tmp_path, monkeypatch):
     """The other sign of reward hacking: held-out drift from real data above guard x base stops the
     run and restores the last LoRA that passed; the guard event says which check fired."""
-    from egrpo_backend import evaluation
+    from egrpo_backend.jobs import evaluation
 
     drifts = iter([2.0, 2.05, 2.5, 2.5])  # base, iteration 1 (+2.5%: passes), iteration 2 (+25%: drifted)
 

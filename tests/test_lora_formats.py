@@ -216,7 +216,7 @@ def test_partly_covered_fused_module_is_refused_before_writing(tmp_path):
 
 def test_unmappable_family_format_refused_before_the_job_exists(tmp_path):
     from egrpo_backend.config import SpecError
-    from egrpo_backend.jobs import create_job
+    from egrpo_backend.jobs.run import create_job
 
     sana = tmp_path / "sana"
     (sana / "transformer").mkdir(parents=True)

@@ -353,7 +353,7 @@ def test_reward_memory_options_are_checked_before_anything_loads(option, value):
 
 
 def test_a_job_caches_its_encoded_prompts_and_its_lora_dtype(sd3_folder, tmp_path):  # noqa: F811
-    from egrpo_backend.build import COND_CACHE, build_trainer
+    from egrpo_backend.jobs.build import COND_CACHE, build_trainer
     from egrpo_backend.config import JobSpec
 
     spec = JobSpec.from_dict({"model": {"source": "diffusers", "path": str(sd3_folder), "weight_dtype": "float8_e4m3fn"},

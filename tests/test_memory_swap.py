@@ -84,14 +84,14 @@ def test_large_families_have_their_published_sizes(name):
 
 
 def test_reward_stays_on_the_device_only_when_it_fits_beside_the_other_phases():
-    from egrpo_backend.memory_plan import GIB, reward_stays_on_device
+    from egrpo_backend.jobs.memory_plan import GIB, reward_stays_on_device
 
     assert reward_stays_on_device(2 * GIB, total_bytes=24 * GIB, peak_other_bytes=18 * GIB)  # 18 + 2 + 2 <= 24
     assert not reward_stays_on_device(2 * GIB, total_bytes=24 * GIB, peak_other_bytes=21 * GIB)
 
 
 def test_chunk_size_grows_with_free_memory_within_its_limits():
-    from egrpo_backend.memory_plan import GIB, chunk_size
+    from egrpo_backend.jobs.memory_plan import GIB, chunk_size
 
     # decode: 12 GiB resident, 1.5 GiB per image, 80 GB card, 2 GiB margin: (80 - 2 - 12) / 1.5 = 44 -> limit 16
     assert chunk_size(1.5 * GIB, 12 * GIB, 80 * GIB, current=4, limit=16) == 16

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from egrpo_backend.nft import (forward_noise, nft_loss, nft_timesteps, old_policy_decay, optimality_probability,
+from egrpo_backend.method.nft import (forward_noise, nft_loss, nft_timesteps, old_policy_decay, optimality_probability,
                                update_old_policy)
-from egrpo_backend.schedule import shifted_sigmas
+from egrpo_backend.method.schedule import shifted_sigmas
 
 
 def reference_advantages(prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,11 @@ import torch
 
 from test_jobs import assert_same_lora, lora_of, tiny_spec
 from test_trainer import PROMPTS, make_trainer, two_steps_change_only_lora
-from egrpo_backend.checkpoint import latest_checkpoint, read_checkpoint
+from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint
 from egrpo_backend.config import JobSpec, SpecError
-from egrpo_backend.jobs import create_job, resume_job, run_job
-from egrpo_backend.nft import forward_noise, nft_loss, old_policy_decay
-from egrpo_backend.nft_update import NFTUpdate
+from egrpo_backend.jobs.run import create_job, resume_job, run_job
+from egrpo_backend.method.nft import forward_noise, nft_loss, old_policy_decay
+from egrpo_backend.method.nft_update import NFTUpdate
 
 
 def nft_trainer(kind="sd3", **algo):
@@ -168,7 +168,7 @@ def test_cli_trains_a_job_with_preset_nft(tmp_path):
     import json
 
     from egrpo_backend.__main__ import main
-    from egrpo_backend.jobs import read_events
+    from egrpo_backend.jobs.run import read_events
 
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(nft_job_spec(iterations=1)))
@@ -183,7 +183,7 @@ def _nft_run(rank: int, world: int, port: int, out: dict) -> None:
     from egrpo_backend import distributed
     from egrpo_backend.lora import LoraSettings, add_lora
     from egrpo_backend.rewards import WeightedRewards
-    from egrpo_backend.trainer import Trainer
+    from egrpo_backend.method.trainer import Trainer
     from test_trainer import small_spec
     from tiny_models import make_policy
 

@@ -17,7 +17,7 @@ comfy_fakes.install()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nodes import all_nodes, plan_nodes, prompt_nodes, reward_nodes, sampling, train_nodes  # noqa: E402
-from egrpo_backend.schedule import shifted_sigmas  # noqa: E402
+from egrpo_backend.method.schedule import shifted_sigmas  # noqa: E402
 
 
 def test_every_node_has_category_description_and_tooltips():
@@ -381,7 +381,7 @@ def test_plan_chart_legend_covers_no_bar_and_no_label_is_clipped(tau, active):
     """The Entropy Plan node's chart: the legend sits outside the axes (at tau = 0 it used to cover bars)
     and every `l=` label lies inside the axes (the tallest one used to be cut by the top edge)."""
     from egrpo_backend.plots import entropy_plan_figure
-    from egrpo_backend.schedule import build_plan
+    from egrpo_backend.method.schedule import build_plan
 
     plt, fig = entropy_plan_figure(build_plan(shifted_sigmas(16, 3.0), 0.7, tau, active))
     try:
@@ -408,7 +408,7 @@ def test_the_nodes_cond_cache_holds_exactly_the_texts_the_job_encodes(recording_
 
     from safetensors import safe_open
 
-    from egrpo_backend.build import texts_to_encode
+    from egrpo_backend.jobs.build import texts_to_encode
     from egrpo_backend.config import JobSpec
 
     inputs = tmp_path / "input"

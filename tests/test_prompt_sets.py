@@ -74,7 +74,7 @@ def test_a_set_that_breaks_the_models_prompt_rule_is_refused_before_anything_is_
     a text encoder exists (it used to spend 868 s encoding before the error)."""
     (tmp_path / "p.txt").write_text("".join(f"digit {62351 + i}\n" for i in range(100_000)))
     from egrpo_backend.default_model import text
-    from egrpo_backend.jobs import create_job
+    from egrpo_backend.jobs.run import create_job
 
     monkeypatch.setattr(text, "get_text_encoder", lambda: pytest.fail("nothing may be encoded"))
     spec = JobSpec.from_dict({**tiny_spec(1), "prompts": {"file": "p.txt"}}, base_dir=str(tmp_path))
@@ -115,12 +115,12 @@ def test_a_trained_job_encodes_each_prompt_at_most_once_per_cache_lifetime(tmp_p
     """Three epochs over a 40-prompt file, encoded ahead in chunks (ENCODE_CHUNK lowered to 6) through a
     memory bound of ~0 bytes: each prompt reaches the encoder once (its disk copy serves every later draw),
     and a resumed run re-encodes exactly the prompts whose disk copies were lost."""
-    from egrpo_backend import trainer as trainer_mod
+    from egrpo_backend.method import trainer as trainer_mod
     from egrpo_backend.default_model import text
-    from egrpo_backend.jobs import create_job, read_events, run_job
+    from egrpo_backend.jobs.run import create_job, read_events, run_job
 
     monkeypatch.setattr(trainer_mod, "ENCODE_CHUNK", 6)
-    monkeypatch.setattr("egrpo_backend.build.ENCODE_CHUNK", 6)
+    monkeypatch.setattr("egrpo_backend.jobs.build.ENCODE_CHUNK", 6)
     calls = {}
     real = text.get_text_encoder()
 
@@ -156,10 +156,10 @@ def test_a_trained_job_encodes_each_prompt_at_most_once_per_cache_lifetime(tmp_p
 def test_next_prompts_keep_todays_order_semantics():
     """One randperm per epoch from stream 'prompt_order' (as before the store): the slots a list and a
     streamed set give are the same, and upcoming() does not consume them."""
-    from egrpo_backend.randomness import stream_generator
+    from egrpo_backend.method.randomness import stream_generator
 
     class T:  # the two Trainer methods, without a model
-        from egrpo_backend.trainer import Trainer
+        from egrpo_backend.method.trainer import Trainer
 
         next_prompts, _order, upcoming = Trainer.next_prompts, Trainer._order, Trainer.upcoming
 
@@ -178,7 +178,7 @@ def test_next_prompts_keep_todays_order_semantics():
 # --- scale ------------------------------------------------------------------------------------------------
 RSS_PROBE = textwrap.dedent("""
     import json, resource, sys, time
-    from egrpo_backend.jobs import create_job, read_events, run_job
+    from egrpo_backend.jobs.run import create_job, read_events, run_job
     from egrpo_backend.config import JobSpec
     spec = json.loads(sys.argv[1])
     t0, t_wall = time.perf_counter(), time.time()
@@ -238,7 +238,7 @@ def test_a_lora_trained_on_a_prompt_file_names_its_hash_and_no_path(tmp_path):
     write_numbered_prompts(tmp_path / "data" / "train.txt", 5000)
     spec = {**tiny_spec(1), "prompts": {"file": "data/train.txt"}}
     spec["algorithm"], spec["lora"] = {"steps": 2, "active": "0", "group_size": 2}, {"rank": 1}
-    from egrpo_backend.jobs import create_job, run_job
+    from egrpo_backend.jobs.run import create_job, run_job
 
     job = create_job(JobSpec.from_dict(spec, base_dir=str(tmp_path)), tmp_path / "job")
     for path in run_job(job, progress=False)["lora"]:

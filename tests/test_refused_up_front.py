@@ -19,10 +19,10 @@ import comfy_fakes
 comfy_fakes.install()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from egrpo_backend import job_process  # noqa: E402
+from egrpo_backend.jobs import process as job_process  # noqa: E402
 from egrpo_backend.config import JobSpec, SpecError  # noqa: E402
-from egrpo_backend.job_folder import PROCESS_ENDED, read_status, write_status  # noqa: E402
-from egrpo_backend.jobs import create_job, run_job  # noqa: E402
+from egrpo_backend.jobs.folder import PROCESS_ENDED, read_status, write_status  # noqa: E402
+from egrpo_backend.jobs.run import create_job, run_job  # noqa: E402
 from nodes import train_nodes  # noqa: E402
 from test_graph_files import KW  # noqa: E402
 from test_jobs import tiny_spec  # noqa: E402
@@ -124,8 +124,8 @@ def test_after_a_sigkill_status_and_cancel_make_status_json_true(tmp_path):
     job = create_job(tiny_spec(iterations=1), tmp_path / "job")
     holder = textwrap.dedent(f"""
         import sys, time
-        from egrpo_backend import job_process
-        from egrpo_backend.job_folder import write_status
+        from egrpo_backend.jobs import process as job_process
+        from egrpo_backend.jobs.folder import write_status
         job_process.claim({str(job)!r})
         write_status({str(job)!r}, status="running", pid=None)
         print("ready", flush=True)
@@ -148,8 +148,8 @@ def test_after_a_sigkill_status_and_cancel_make_status_json_true(tmp_path):
 
 
 def test_a_failed_status_is_written_in_place_when_no_temp_file_fits(tmp_path, monkeypatch):
-    from egrpo_backend import job_folder
-    from egrpo_backend.job_files import DiskFull
+    from egrpo_backend.jobs import folder as job_folder
+    from egrpo_backend.jobs.files import DiskFull
 
     write_status(tmp_path, status="running", iteration=3)
 

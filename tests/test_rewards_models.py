@@ -555,7 +555,7 @@ def test_model_reward_in_a_job_spec_with_per_reward_advantages(files, tmp_path):
     each reward normalised within its groups (reward_mode per_reward)."""
     import json as _json
 
-    from egrpo_backend.jobs import create_job, run_job
+    from egrpo_backend.jobs.run import create_job, run_job
 
     spec = {
         "model": {"source": "default"}, "prompts": ["a handwritten digit two"],

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from egrpo_backend.guidance import GuidedVelocity
-from egrpo_backend.rollout import coarse_grid, expected_nfe, rollout, window_steps
-from egrpo_backend.schedule import build_plan, shifted_sigmas
-from egrpo_backend.sde import ode_step, sde_step
+from egrpo_backend.method.guidance import GuidedVelocity
+from egrpo_backend.method.rollout import coarse_grid, expected_nfe, rollout, window_steps
+from egrpo_backend.method.schedule import build_plan, shifted_sigmas
+from egrpo_backend.method.sde import ode_step, sde_step
 
 
 class CountingPolicy:

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from egrpo_backend.jobs import EventLog, create_job, write_status  # noqa: E402
+from egrpo_backend.jobs.run import EventLog, create_job, write_status  # noqa: E402
 from nodes.job_manager import JobManager  # noqa: E402
 from nodes.routes import make_app  # noqa: E402
 

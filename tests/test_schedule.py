@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from egrpo_backend.schedule import (SQRT_2PI_E, build_plan, diffusion_coefficients, merge_width,
+from egrpo_backend.method.schedule import (SQRT_2PI_E, build_plan, diffusion_coefficients, merge_width,
                                     parse_active_steps, shifted_sigmas, validate_sigmas)
 
 

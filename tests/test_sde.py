@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from egrpo_backend.sde import gaussian_kl, gaussian_log_prob, ode_step, sde_step
+from egrpo_backend.method.sde import gaussian_kl, gaussian_log_prob, ode_step, sde_step
 
 
 def test_log_prob_matches_hand_written_density():

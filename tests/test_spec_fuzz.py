@@ -212,7 +212,7 @@ def run_cli(argv):
 
 def check_bad_specs(tmp_path, n: int) -> dict:
     """Run n generated bad specs through the CLI's entry function; returns counts per class."""
-    import egrpo_backend.jobs as jobs
+    import egrpo_backend.jobs.run as jobs
 
     def must_not_train(*a, **k):
         raise AssertionError("a bad spec was accepted and its job started")

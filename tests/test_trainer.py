@@ -8,7 +8,7 @@ from tiny_models import make_policy
 from egrpo_backend.config import JobSpec
 from egrpo_backend.lora import LoraSettings, add_lora
 from egrpo_backend.rewards import WeightedRewards, build_reward
-from egrpo_backend.trainer import Trainer, lr_at
+from egrpo_backend.method.trainer import Trainer, lr_at
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone"]
 

@@ -14,14 +14,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from egrpo_backend import build, jobs  # noqa: E402
+from egrpo_backend.jobs import build, run as jobs  # noqa: E402
 from egrpo_backend.config import JobSpec, SpecError  # noqa: E402
-from egrpo_backend.jobs import create_job, read_events, run_job  # noqa: E402
+from egrpo_backend.jobs.run import create_job, read_events, run_job  # noqa: E402
 from egrpo_backend.plots import VIDEO_FPS, image_grid  # noqa: E402
 from egrpo_backend.rewards import WeightedRewards, build_reward, frames as reward_frames  # noqa: E402
 from egrpo_backend.rewards.frames import score_frames  # noqa: E402
 from egrpo_backend.rewards.jpeg import jpeg_size_kb  # noqa: E402
-from egrpo_backend.sde import gaussian_log_prob, sde_step  # noqa: E402
+from egrpo_backend.method.sde import gaussian_log_prob, sde_step  # noqa: E402
 from video_policy import make_video_policy  # noqa: E402
 
 FRAMES = 3
@@ -50,7 +50,7 @@ def test_log_prob_is_the_mean_over_every_latent_dimension_of_a_video_latent():
 @pytest.mark.parametrize("preset", ["egrpo", "nft"])
 def test_rollout_builds_video_latents_from_the_policy_latent_shape(preset):
     from egrpo_backend.lora import LoraSettings, add_lora
-    from egrpo_backend.trainer import Trainer
+    from egrpo_backend.method.trainer import Trainer
 
     policy = make_video_policy(FRAMES)
     add_lora(policy.lora_model(), LoraSettings(rank=2, alpha=2.0), seed=0)

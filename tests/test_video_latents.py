@@ -6,11 +6,11 @@ spacial_downscale_ratio); the real families are checked in tests/comfy_integrati
 import pytest
 import torch
 
-from egrpo_backend.guidance import GuidedVelocity
+from egrpo_backend.method.guidance import GuidedVelocity
 from egrpo_backend.policies.comfy_latents import latent_shape
-from egrpo_backend.rollout import rollout
-from egrpo_backend.schedule import build_plan, shifted_sigmas
-from egrpo_backend.sde import sde_step
+from egrpo_backend.method.rollout import rollout
+from egrpo_backend.method.schedule import build_plan, shifted_sigmas
+from egrpo_backend.method.sde import sde_step
 
 
 class VideoPolicy:

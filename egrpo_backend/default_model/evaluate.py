@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluation import bootstrap_ci
+from ..jobs.evaluation import bootstrap_ci
 from .digits import digit_of_prompt, heldout_eval_set
 from .metrics import nearest_real_distance, within_prompt_diversity
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from ..evaluation import within_prompt_diversity  # noqa: F401  (re-exported: the guards live together)
+from ..jobs.evaluation import within_prompt_diversity  # noqa: F401  (re-exported: the guards live together)
 from .digits import real_digits
 
 

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ..evaluation import sample_ode
-from ..schedule import shifted_sigmas
+from ..jobs.evaluation import sample_ode
+from ..method.schedule import shifted_sigmas
 from .digits import IMAGE_SIZE, decode
 from .model import velocity
 

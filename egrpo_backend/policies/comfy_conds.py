@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from ..atomic import atomic_save_safetensors
+from ..jobs.atomic import atomic_save_safetensors
 
 SCALARS = (int, float, str, bool, type(None))
 

@@ -279,7 +279,7 @@ def train(family):
     import io
     import logging
 
-    from egrpo_backend.jobs import create_job, run_job
+    from egrpo_backend.jobs.run import create_job, run_job
 
     cls_name, config, latent, px, options = families()[family]
     folder = WORK / family
@@ -302,7 +302,7 @@ def train(family):
             "train": {"iterations": 2, "prompts_per_iteration": 1, "lr": 1e-2, "device": "cpu", "threads": 2,
                       "sample_every": 100, "checkpoint_every": 100},
             "output": {"name": f"tiny_{family}", "formats": ["kohya"]}}
-    from egrpo_backend.build import texts_to_encode
+    from egrpo_backend.jobs.build import texts_to_encode
     from egrpo_backend.config import JobSpec
 
     texts = texts_to_encode(JobSpec.from_dict(spec))  # what the Train node encodes: prompts and the empty one

@@ -232,7 +232,7 @@ def tiny_flux(tmp_path_factory):
             "train": {"iterations": 2, "prompts_per_iteration": 1, "lr": 1e-2, "device": "cpu", "threads": 2},
             "output": {"name": "tinyflux", "formats": ["kohya"]}}
     sys.path.insert(0, str(REPO))
-    from egrpo_backend.jobs import create_job
+    from egrpo_backend.jobs.run import create_job
 
     create_job(spec, job)
     t0 = time.time()

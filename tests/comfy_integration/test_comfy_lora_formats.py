@@ -244,7 +244,7 @@ def test_kept_key_rules_equal_comfyui(tiny_flux):
 
 
 def test_comfy_trained_flux_loads_fully_in_comfyui_and_diffusers(tiny_flux, tmp_path):
-    from egrpo_backend.jobs import export_job
+    from egrpo_backend.jobs.run import export_job
 
     job = tiny_flux["job"]
     files = {fmt: str(export_job(job, fmt, out=tmp_path / f"tinyflux.{fmt}.safetensors")) for fmt in ("kohya", "comfy")}

@@ -15,7 +15,7 @@ from comfy_itest import REPO, start_server, stop_server, training_prompt, wait_h
 
 sys.path.insert(0, str(REPO))
 
-from egrpo_backend import job_process  # noqa: E402
+from egrpo_backend.jobs import process as job_process  # noqa: E402
 
 
 def _queue(server, name, iterations):

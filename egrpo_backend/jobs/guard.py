@@ -9,7 +9,7 @@ guard restores the last LoRA that passed and tells the job to stop.
 
 from __future__ import annotations
 
-from . import lora as lora_lib
+from .. import lora as lora_lib
 
 
 class HackingGuard:

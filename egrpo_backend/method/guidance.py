@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .policies.base import Cond, FlowPolicy, cond_cat, cond_select
+from ..policies.base import Cond, FlowPolicy, cond_cat, cond_select
 
 
 def guided_velocity(

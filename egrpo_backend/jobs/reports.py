@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write_json
-from .job_files import job_subdir
+from .files import job_subdir
 
 
 def write_sample_grid(job_dir: Path, iteration: int, images: torch.Tensor, group_size: int) -> str:
     """samples/iter_NNNNNN.png, one row per group (G consecutive images); videos [k, F, C, H, W] go to an
     animated samples/iter_NNNNNN.webp of F frames. Returns the path within the job."""
-    from .plots import image_grid
+    from ..plots import image_grid
 
     suffix = ".webp" if images.ndim == 5 else ".png"
     path = job_subdir(job_dir, "samples") / f"iter_{iteration:06d}{suffix}"
@@ -22,7 +22,7 @@ def write_sample_grid(job_dir: Path, iteration: int, images: torch.Tensor, group
 
 
 def write_reports(job_dir: Path, history: list, eval_history: list) -> None:
-    from .plots import plot_reward_curves
+    from ..plots import plot_reward_curves
 
     atomic_write_json(Path(job_dir) / "metrics.json", {"train": history, "eval": eval_history})
     curves = {"train (rollout mean)": [(h["iteration"], h["reward_mean"]) for h in history]}

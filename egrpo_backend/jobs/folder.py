@@ -1,5 +1,5 @@
-"""A job folder's own files: spec, status, event log, cancel request (see jobs.py for the layout;
-process.lock, held by the process that runs the job, is job_process.py's).
+"""A job folder's own files: spec, status, event log, cancel request (see jobs/run.py for the layout;
+process.lock, held by the process that runs the job, is jobs/process.py's).
 
 These are what other processes read while a job runs (the CLI's `status`, ComfyUI's job manager,
 the routes), so everything here is small, synchronous and safe to call from any process.
@@ -16,10 +16,10 @@ import signal
 import time
 from pathlib import Path
 
-from . import job_process
+from . import process as job_process
 from .atomic import atomic_write_bytes, atomic_write_json
-from .config import JobSpec, SpecError
-from .job_files import DiskFull, append_line, is_disk_full, open_job_file, refuse_link
+from ..config import JobSpec, SpecError
+from .files import DiskFull, append_line, is_disk_full, open_job_file, refuse_link
 from .provenance import prompt_digest
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
@@ -59,7 +59,7 @@ def read_status(job_dir) -> dict:
 
 
 def current_status(job_dir) -> dict:
-    """read_status, corrected by the job's lock (job_process.py): a job saved as running that no process
+    """read_status, corrected by the job's lock (jobs/process.py): a job saved as running that no process
     runs any more (killed, crashed, a full disk that stopped even its last status write) failed."""
     status = read_status(job_dir)
     if status.get("status") == "running" and not job_process.job_running(job_dir):
@@ -215,7 +215,7 @@ def _store_prompts(job_dir: Path, prompts: list[str]):
 def _job_prompts(job_dir: Path, spec: JobSpec, value, prompts):
     """An inline list is stored once in the job folder and referred to by hash; a prompt file or folder
     (docs/prompts.md) stays where it is, recorded by absolute path, sha256 and count (checked at every start)."""
-    from .prompt_sets import PromptSet, recorded
+    from ..prompt_sets import PromptSet, recorded
 
     if isinstance(prompts, PromptSet):
         return recorded(value, prompts, spec.base_dir)
@@ -263,7 +263,7 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
 def request_cancel(job_dir) -> bool:
     """Ask the job's running process to stop at its next safe point between phases (it writes a usable LoRA).
 
-    Refused when no process runs the job (job_process.py): a request left behind would stop the next
+    Refused when no process runs the job (jobs/process.py): a request left behind would stop the next
     run after one iteration. SIGTERM goes only to a process provably the job's (Linux); the `cancel`
     file reaches it everywhere. Returns whether a signal was sent."""
     job_dir = Path(job_dir)

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .config import JobSpec, SpecError
-from .prompt_rules import check_prompt_rules
+from ..config import JobSpec, SpecError
+from ..prompt_rules import check_prompt_rules
 
 
 def preflight(spec: JobSpec, *, check_model_files: bool = True) -> None:
@@ -94,7 +94,7 @@ def check_copy_to(spec: JobSpec) -> None:
 def check_reward_files(rewards: list[dict]) -> None:
     """Model-based rewards need weight files; a missing one is named with where it was looked for."""
     try:
-        from .rewards.models.status import reward_status
+        from ..rewards.models.status import reward_status
     except ImportError:  # optional dependencies missing: building the reward reports it
         return
     for i, r in enumerate(rewards):

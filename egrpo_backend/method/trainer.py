@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed
+from .. import distributed
 from .advantage import advantages
 from .algorithms import branch_starts, train_mask
-from .config import JobSpec
+from ..config import JobSpec
 from .gradient_sync import GradientSum, pad_to, wrap_for_data_parallel
 from .guidance import GuidedVelocity, prompt_chunks
-from .lora import like, whole
+from ..lora import like, whole
 from .nft_update import NFTUpdate
 from .objective import clipped_objective
-from .policies.base import FlowPolicy
+from ..policies.base import FlowPolicy
 from .randomness import stream_generator
 from .results import StepResult
-from .rewards.combine import WeightedRewards
+from ..rewards.combine import WeightedRewards
 from .rollout import Rollout, rollout
 from .sde import flow_grpo_kl, gaussian_kl, sde_step
 from .telemetry import PhaseTimer
@@ -109,7 +109,7 @@ class Trainer:
         self.on_encode = None  # callable(done, total): progress of the prompts encoded ahead
         self.uncond = policy.encode([self.algo.negative_prompt]) if self.algo.guidance_scale != 1.0 else None
         self.nft = NFTUpdate(self) if self.algo.loss == "nft" else None  # DiffusionNFT's iteration and old policy
-        self.stop_requested = lambda: False  # asked at each safe point between phases (jobs.py: a graceful cancel)
+        self.stop_requested = lambda: False  # asked at each safe point between phases (jobs/run.py: a graceful cancel)
         self._at_start = None
 
     # --- data ----------------------------------------------------------------------------------

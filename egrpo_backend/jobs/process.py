@@ -24,7 +24,7 @@ import signal
 import time
 from pathlib import Path
 
-from .job_files import open_job_file
+from .files import open_job_file
 
 try:
     import fcntl

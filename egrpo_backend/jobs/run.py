@@ -1,4 +1,4 @@
-"""Training jobs as directories: run, resume, export (job_folder.py: create, status, events, cancel).
+"""Training jobs as directories: run, resume, export (jobs/folder.py: create, status, events, cancel).
 
 A job directory holds
   job.json          the full spec (JobSpec.to_dict()), its inline prompt lists as {"file": "prompts-<sha256>.json"},
@@ -47,27 +47,27 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from . import lora as lora_lib
+from .. import distributed
+from .. import lora as lora_lib
 from .atomic import atomic_write_bytes
 from .build import build_trainer, eval_pairs
 from .cancel import CancelFlag
 from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, read_checkpoint, read_checkpoint_lora,
                          save_checkpoint)
-from .config import JobSpec, SpecError
+from ..config import JobSpec, SpecError
 from .before_after import BeforeAfter
 from .encode_progress import EncodeProgress
 from .evaluation import HeldOut
-from .export_formats import spec_family, spec_naming
+from ..export_formats import spec_family, spec_naming
 from .guard import HackingGuard
-from .job_files import DiskFull, job_subdir
-from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
+from .files import DiskFull, job_subdir
+from .folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
                          read_json, read_status, request_cancel, write_status)
-from .paths import check_name
-from .policies import source_defaults
+from ..paths import check_name
+from ..policies import source_defaults
 from .provenance import lora_metadata
 from .reports import write_reports, write_sample_grid
-from .trainer import IterationAbandoned
+from ..method.trainer import IterationAbandoned
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _writer_status(job_dir: Path, **fields) -> None:
 def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     """Run (or continue from the last checkpoint) until the spec's iterations, `until`, or a cancel.
     Under torchrun every rank calls this; rank 0 alone writes the job folder."""
-    from .policies import resolve_device
+    from ..policies import resolve_device
 
     job_dir = Path(job_dir)
     spec = load_spec(job_dir)
@@ -282,7 +282,7 @@ def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: st
 
 def resume_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     """Continue a stopped, cancelled or killed job from its last checkpoint. A job another process
-    runs is refused by its lock (job_process.py); a stale cancel request is dropped by the lock too."""
+    runs is refused by its lock (jobs/process.py); a stale cancel request is dropped by the lock too."""
     return run_job(job_dir, until=until, progress=progress)
 
 

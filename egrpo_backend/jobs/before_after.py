@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from .. import distributed
 from .evaluation import sample_ode
 
 FILE = "before_after.png"
@@ -48,7 +48,7 @@ class BeforeAfter:
     def update(self, images: torch.Tensor, iteration: int) -> dict:
         """Redraw the grid from an evaluation's images (all held-out pairs, in order); the event's data.
         Every rank calls it (sampling the base may need them all); rank 0 alone writes the file."""
-        from .plots import image_grid
+        from ..plots import image_grid
 
         latest = images[self.columns].float().cpu()
         if self.base is None:

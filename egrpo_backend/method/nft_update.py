@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed
+from .. import distributed
 from .guidance import GuidedVelocity, prompt_chunks
-from .lora import like, whole
+from ..lora import like, whole
 from .nft import forward_noise, nft_loss, nft_timesteps, old_policy_decay, optimality_probability, update_old_policy
 from .randomness import stream_generator
 from .results import StepResult

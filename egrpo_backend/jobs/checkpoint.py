@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import distributed
-from . import lora as lora_lib
+from .. import distributed
+from .. import lora as lora_lib
 from .atomic import atomic_path, atomic_write_json
-from .job_files import DiskFull, is_disk_full, job_subdir
-from .config import JobSpec
+from .files import DiskFull, is_disk_full, job_subdir
+from ..config import JobSpec
 from .provenance import lora_metadata
 
 KEEP_CHECKPOINTS = 2

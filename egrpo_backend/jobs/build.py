@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import distributed
-from . import lora as lora_lib
-from .config import JobSpec
-from .policies import build_policy, resolve_device, resolve_dtype, source_defaults
-from .policies.base import FlowPolicy
-from .prompt_rules import check_prompt_rules
-from .rewards import WeightedRewards, build_reward
-from .trainer import ENCODE_CHUNK, Trainer
+from .. import distributed
+from .. import lora as lora_lib
+from ..config import JobSpec
+from ..policies import build_policy, resolve_device, resolve_dtype, source_defaults
+from ..policies.base import FlowPolicy
+from ..prompt_rules import check_prompt_rules
+from ..rewards import WeightedRewards, build_reward
+from ..method.trainer import ENCODE_CHUNK, Trainer
 
 COND_CACHE = "conds"  # in the job folder: the encoded prompts, bounded by train.cond_cache_gb (docs/prompts.md)
 DEFAULT_EVAL_SEEDS = range(10000, 10010)  # held-out noise seeds when the spec gives eval prompts but no seeds
@@ -49,7 +49,7 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
 
 
 def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
-    from .policies.block_swap import adopt_lora
+    from ..policies.block_swap import adopt_lora
 
     targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
     settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,

@@ -196,7 +196,7 @@ class EntropyPlan:
         return "\n".join(lines)
 
     def save_png(self, path) -> None:
-        from .plots import plot_entropy_plan
+        from ..plots import plot_entropy_plan
 
         plot_entropy_plan(self, path)
 

@@ -5,7 +5,7 @@ with a `cancel_ack` file: the job manager then knows the process is alive and wa
 however long the phase in flight takes (nodes/job_manager.py kills only a process that never answers).
 `python -m egrpo_backend run` installs `catch_early_sigterm()` before it imports anything slow, so a
 SIGTERM that arrives while the model loads is remembered (not a kill by the default handler) and the CancelFlag made later honours it.
-A CancelFlag also holds the job's process lock for its lifetime (job_process.py): while it lives,
+A CancelFlag also holds the job's process lock for its lifetime (jobs/process.py): while it lives,
 the job is provably running in this process, and a second process cannot run the same job.
 """
 
@@ -16,8 +16,8 @@ import signal
 import time
 from pathlib import Path
 
-from . import job_process
-from .job_files import open_job_file
+from . import process as job_process
+from .files import open_job_file
 
 ACK_FILE = "cancel_ack"
 _early = {"signalled": False, "job_dir": None}

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .guidance import GuidedVelocity
-from .policies.base import FlowPolicy
-from .sde import ode_step
+from ..method.guidance import GuidedVelocity
+from ..policies.base import FlowPolicy
+from ..method.sde import ode_step
 
 
 @torch.no_grad()

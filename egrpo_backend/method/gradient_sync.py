@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from .distributed import add_comm_seconds, communicating
+from ..distributed import add_comm_seconds, communicating
 
 MODES = ("single", "ddp", "fsdp")
 
