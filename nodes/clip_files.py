@@ -16,6 +16,7 @@ from . import comfy_glue
 
 LOADERS = {"load_clip_model_patcher": "clip", "load_checkpoint_clip_patcher": "checkpoint"}
 FOLDERS = {"clip": ("text_encoders", "clip"), "checkpoint": ("checkpoints",)}
+LOADER_OBJECT_PATCHES = {"manual_cast_dtype"}  # set by ComfyUI's own loading (the reload sets it again)
 
 
 def _in_folders(path: str, kinds) -> bool:
@@ -52,7 +53,8 @@ def clip_record(clip) -> tuple[dict | None, str]:
     if not paths or not all(_in_folders(p, FOLDERS[loader]) for p in paths):
         return None, "its files are not in ComfyUI's text_encoders / checkpoints folders"
     patcher = getattr(clip, "patcher", None)
-    if getattr(patcher, "patches", None) or getattr(patcher, "object_patches", None):
+    added = set(getattr(patcher, "object_patches", None) or {}) - LOADER_OBJECT_PATCHES
+    if getattr(patcher, "patches", None) or added:
         return None, "it carries patches added after loading (e.g. the CLIP half of a LoraLoader)"
     if getattr(clip, "apply_hooks_to_conds", None):
         return None, "it carries hooks (CLIP hook nodes)"

@@ -152,3 +152,15 @@ def test_the_job_encodes_as_the_node_would_each_prompt_once(manager, comfy_folde
     assert torch.equal(options["pooled_output"], reference[0][1]["pooled_output"]) and options["num_tokens"] == 3
     conds.release()
     assert conds.encoder.clip is None
+
+
+def test_the_loaders_own_object_patch_does_not_stop_a_reload(comfy_folders):
+    """ComfyUI's CLIP loading itself sets the object patch manual_cast_dtype (seen on a real CLIPLoader);
+    the reload sets it again, so it is no reason to encode in the node. Any other object patch is."""
+    from nodes.clip_files import clip_record
+
+    clip = CountingClip([comfy_folders / "t5_tiny.safetensors"])
+    clip.patcher.object_patches = {"manual_cast_dtype": torch.float32}
+    assert clip_record(clip)[0] is not None
+    clip.patcher.object_patches["forward"] = object()
+    assert clip_record(clip)[0] is None
