@@ -54,7 +54,7 @@ def build_spec(*, source, name, reward, prompts, preset, iterations, group_size,
                          active=plan.active, diffusion=plan.diffusion)
     spec = {
         "model": {"source": source},
-        "prompts": list(prompts or []),
+        "prompts": dict(prompts) if isinstance(prompts, dict) else list(prompts or []),  # a dict: a large file, streamed
         "rewards": [dict(r) for r in reward],
         "algorithm": algorithm,
         "lora": {"rank": lora_rank, "alpha": float(lora_rank)},
@@ -268,6 +268,10 @@ class TrainLoraNode(io.ComfyNode):
                           eta=eta, tau=tau, active=active, lr=lr, clip_range=clip_range, lora_rank=lora_rank, seed=seed,
                           device=device, plan=plan, overrides=spec_overrides)
         identity = {}
+        if isinstance(prompts, dict):  # a streamed prompt file: a changed file is a new job
+            from egrpo_backend.prompt_sets import open_prompts
+
+            identity["prompts"] = open_prompts(prompts, "prompts").digest()
         manager = get_manager()
         if source == "comfy":
             if model is None or clip is None or vae is None:
@@ -278,7 +282,7 @@ class TrainLoraNode(io.ComfyNode):
             graph = comfy_graph_keys(model, shift, plan)
             check_latent(model, width, height, length)
             clip_files, not_reloadable = clip_record(clip)
-            identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
+            identity = {**identity, **files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
             spec["model"]["path"] = files["path"]
             # Overrides cannot hold these keys (refused above): anything left there is unknown and JobSpec names it.
             spec["model"]["comfy"] = {**spec["model"].get("comfy", {}), "comfy_root": comfy_glue.comfy_root(),

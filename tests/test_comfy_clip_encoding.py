@@ -164,3 +164,26 @@ def test_the_loaders_own_object_patch_does_not_stop_a_reload(comfy_folders):
     assert clip_record(clip)[0] is not None
     clip.patcher.object_patches["forward"] = object()
     assert clip_record(clip)[0] is None
+
+
+def test_a_large_prompt_file_is_passed_on_as_a_reference_and_streamed_by_the_job(manager, tmp_path, monkeypatch):
+    """E-GRPO Prompt List with a file above STREAM_ABOVE_BYTES (lowered here to keep the test small) outputs
+    {"file": path} (indexed for its count, never read whole), the Train node puts that reference in the spec
+    and its hash in the job id; typed prompts beside a large file are refused, not dropped."""
+    from nodes import prompt_nodes
+    from tests.test_nodes import fake_folder_paths
+
+    inp = fake_folder_paths(monkeypatch, tmp_path)
+    monkeypatch.setattr(prompt_nodes, "STREAM_ABOVE_BYTES", 64)
+    big = inp / "big.txt"
+    big.write_text("".join(f"a handwritten digit {i % 10}\n" for i in range(50)))
+    out = prompt_nodes.PromptListNode.execute("", "big.txt")
+    assert out.args == ({"file": str(big)}, 50)
+    with pytest.raises(ValueError, match="clear the typed prompts"):
+        prompt_nodes.PromptListNode.execute("a handwritten digit three", "big.txt")
+    train = {**TRAIN, "reward": [{"name": "digit_probability", "weight": 1.0}]}
+    job_id = train_nodes.TrainLoraNode.execute(**train, source="default", prompts=out.args[0]).args[1]
+    (_, spec), = manager.submitted
+    assert spec["prompts"] == {"file": str(big)}
+    big.write_text("".join(f"a handwritten digit {i % 10}\n" for i in range(51)))  # changed file: another job
+    assert train_nodes.TrainLoraNode.execute(**train, source="default", prompts={"file": str(big)}).args[1] != job_id
