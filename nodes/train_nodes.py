@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -111,6 +112,7 @@ def encode_prompts(clip, prompts, folder: Path, progress=None) -> int:
     from egrpo_backend.policies.comfy_conds import COMFY_FAMILY, conditioning_to_cond
     from egrpo_backend.policies.cond_store import CondStore
 
+    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted earlier attempt left may come from other files
     store = CondStore(lambda p: conditioning_to_cond(p, encode_conditioning(clip, p)), COMFY_FAMILY, folder=folder,
                       disk_bytes=float("inf"), memory_bytes=0)
     chunk, done = [], 0
