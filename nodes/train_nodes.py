@@ -128,17 +128,20 @@ def encode_prompts(clip, prompts, folder: Path, progress=None) -> int:
     return store.encoded
 
 
-def node_texts(job, training: bool):
-    """What the node encodes: the held-out prompts and the negative prompt (used with CFG); with
-    `training` (the job cannot encode), every text the job encodes (build.texts_to_encode), streamed:
-    a file set is never read whole."""
+def node_texts(job, training: bool) -> tuple:
+    """(texts, how many) the node encodes: the held-out prompts and the negative prompt (used with CFG);
+    with `training` (the job cannot encode), every text the job encodes (build.texts_to_encode),
+    streamed: a file set is never read whole."""
     from itertools import chain
 
     from egrpo_backend.build import eval_pairs, training_prompts
 
     held_out = list(dict.fromkeys(p for p, _ in eval_pairs(job)))
     negative = [job.algorithm.negative_prompt] if training or job.algorithm.guidance_scale != 1 else []
-    return chain(training_prompts(job), held_out, negative) if training else held_out + negative
+    if not training:
+        return held_out + negative, len(held_out) + len(negative)
+    prompts = training_prompts(job)
+    return chain(prompts, held_out, negative), len(prompts) + len(held_out) + len(negative)
 
 
 def comfy_graph_keys(model, shift: float, plan) -> dict:
@@ -311,8 +314,18 @@ class TrainLoraNode(io.ComfyNode):
                             "(Load CLIP, DualCLIPLoader, Load Checkpoint) to have the job encode them as needed")
                 log.warning("E-GRPO %s: %s", job_id, fallback)
                 comfy_glue.send_event("egrpo.event", {"job": job_id, "type": "notice", "message": fallback})
-            encode_prompts(clip, node_texts(job, training=not clip_files), job_dir / NODE_CONDS,
-                           progress=lambda n: log.info("E-GRPO %s: the node encoded %d prompts", job_id, n))
+            texts, total = node_texts(job, training=not clip_files)
+            bar = comfy_glue.progress_bar(max(1, total))
+
+            def progress(done):  # the node's bar, the log and the panel's encoding bar (an `encode` event)
+                bar.update_absolute(done, max(1, total))
+                log.info("E-GRPO %s: the node encoded %d of %d prompts", job_id, done, total)
+                comfy_glue.send_event("egrpo.event", {"job": job_id, "type": "encode", "done": done, "total": total,
+                                                      "set_size": total, "by": "node"})
+
+            encode_prompts(clip, texts, job_dir / NODE_CONDS, progress=progress if not clip_files else None)
+            if not clip_files:
+                progress(total)
         manager.submit(spec, job_id, gpus=gpus)
         if fallback:  # in the job's events too, so the panel and `events.jsonl` say why the node took long
             from egrpo_backend.job_folder import EventLog

@@ -102,7 +102,11 @@ def test_node_records_the_clip_files_and_encodes_only_held_out_and_negative(mana
     assert not (manager.root / job_id / "events.jsonl").exists()  # nothing to say
 
 
-def test_clip_without_a_loader_record_falls_back_and_says_so(manager, comfy_folders, tmp_path, caplog):
+def test_clip_without_a_loader_record_falls_back_and_says_so(manager, comfy_folders, tmp_path, caplog, monkeypatch):
+    from nodes import comfy_glue
+
+    sent = []
+    monkeypatch.setattr(comfy_glue, "send_event", lambda event, data: sent.append(data))
     clip = CountingClip()  # a custom loader: no cached_patcher_init
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path, clip)).args[1]
     (_, spec), = manager.submitted
@@ -111,6 +115,9 @@ def test_clip_without_a_loader_record_falls_back_and_says_so(manager, comfy_fold
     assert any("this node encodes every training prompt itself" in r.getMessage() for r in caplog.records)
     events = [json.loads(line) for line in (manager.root / job_id / "events.jsonl").read_text().splitlines()]
     assert [e["type"] for e in events] == ["notice"] and "custom CLIP loader" in events[0]["message"]
+    # the browsers hear it too: the notice, then the node's encoding progress (the panel's encoding bar)
+    assert sent[0]["type"] == "notice" and sent[-1] == {"job": job_id, "type": "encode", "done": 15, "total": 15,
+                                                        "set_size": 15, "by": "node"}
 
 
 def test_a_clip_file_outside_comfyuis_folders_or_a_patched_clip_is_not_reloaded(comfy_folders, tmp_path):
