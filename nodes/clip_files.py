@@ -62,6 +62,10 @@ def clip_record(clip) -> tuple[dict | None, str]:
     if not all(isinstance(v, (int, float, str, bool, type(None))) for v in options.values()):
         return None, "its tokenizer options are not plain values"
     args = src["args"]
+    options_at = 3  # load_clip(ckpt_paths, embedding_directory, clip_type, model_options); checkpoint: te_model_options
+    extra = sorted(set((args[options_at] if len(args) > options_at else None) or {}) - {"load_device", "offload_device"})
+    if extra or (loader == "checkpoint" and (args[2] if len(args) > 2 else None)):
+        return None, f"its loader passed model options the job does not repeat ({', '.join(extra) or 'model_options'})"
     if loader == "clip":  # load_clip(ckpt_paths, embedding_directory, clip_type, model_options)
         embeddings, clip_type, device = args[1], getattr(args[2], "name", str(args[2])), _device(args[3] if len(args) > 3 else {})
     else:  # load_checkpoint_clip_patcher(ckpt_path, embedding_directory, model_options, te_model_options)

@@ -194,3 +194,18 @@ def test_a_large_prompt_file_is_passed_on_as_a_reference_and_streamed_by_the_job
     assert spec["prompts"] == {"file": str(big)}
     big.write_text("".join(f"a handwritten digit {i % 10}\n" for i in range(51)))  # changed file: another job
     assert train_nodes.TrainLoraNode.execute(**train, source="default", prompts={"file": str(big)}).args[1] != job_id
+
+
+def test_a_loader_with_other_model_options_is_not_reloaded(comfy_folders):
+    """A loader that passed load_clip other model options (custom operations, a dtype: e.g. a quantized-file
+    node pack) would be loaded differently in the job: the node encodes instead, naming the options."""
+    from nodes.clip_files import clip_record
+
+    clip = CountingClip([comfy_folders / "t5_tiny.safetensors"])
+    fn, args = clip.patcher.cached_patcher_init
+    clip.patcher.cached_patcher_init = (fn, (*args[:3], {"custom_operations": object(), "load_device": "cpu"}))
+    record, why = clip_record(clip)
+    assert record is None and "custom_operations" in why
+    clip.patcher.cached_patcher_init = (fn, (*args[:3], {"load_device": torch.device("cpu"),
+                                                         "offload_device": torch.device("cpu")}))
+    assert clip_record(clip)[0]["device"] == "cpu"

@@ -205,7 +205,7 @@ class PromptConds:
 
 
 class ComfyPolicy:
-    LIVE = 1024  # conditionings kept ready for velocity() (the rest are fetched again from the cond stores)
+    LIVE = 64  # conditionings kept ready for velocity() (a T5-XXL one is ~4 MB; the rest come back from the cond stores)
 
     def __init__(self, patcher, vae, conds: PromptConds, latent_shape, device, length: int = 1, guidance: float = -1.0):
         from collections import OrderedDict
