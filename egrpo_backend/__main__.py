@@ -29,13 +29,33 @@ def _running_job(job_dir):
     if not job_process.holds_lock_here():  # another rank, or the launching parent, holds it
         yield
         return
-    lock, _ = job_process.claim(job_dir)
+    try:
+        lock, _ = job_process.claim(job_dir)
+    except OSError as e:  # the lock file's few bytes did not fit: the job cannot even start
+        _record_no_space(job_dir, e)
+        raise
     try:
         yield
     finally:
         (Path(job_dir) / job_process.CANCEL_FILE).unlink(missing_ok=True)
         (Path(job_dir) / ACK_FILE).unlink(missing_ok=True)
         lock.release()
+
+
+def _record_no_space(job_dir, error: OSError) -> None:
+    """A full disk before the job could start: raised as DiskFull, and status.json says so (in place)."""
+    from .job_files import DiskFull, is_disk_full
+
+    if not is_disk_full(error) or isinstance(error, DiskFull):
+        return
+    full = DiskFull(job_dir, 4096, job_process.LOCK_FILE)
+    try:
+        from .job_folder import write_status
+
+        write_status(job_dir, status="failed", pid=None, message=str(full))
+    except OSError:
+        pass
+    raise full from error
 
 
 def _launch_ranks(a) -> int:
@@ -108,6 +128,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_run(a) -> int:
+    _settle(a.job_dir)
     if a.nproc_per_node > 1:
         return _launch_ranks(a)
     with _running_job(_job_dir(a.job_dir)):
@@ -117,6 +138,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_resume(a) -> int:
+    _settle(a.job_dir)  # a killed run's "running" is made "failed" on disk first, whatever happens next
     # The lock (not a pid that may have been reused) says whether another process runs the job; a stale
     # cancel request was dropped when the lock was taken, a fresh one (sent since this process started)
     # is honoured, so this is run_job and not jobs.resume_job.
@@ -126,6 +148,13 @@ def cmd_resume(a) -> int:
         from .jobs import run_job
 
         return _report(run_job(a.job_dir, until=a.until, progress=not a.quiet))
+
+
+def _settle(job_dir) -> None:
+    from .job_folder import settle_status
+
+    if (Path(job_dir) / "job.json").is_file():
+        settle_status(job_dir)
 
 
 def _job_dir(path) -> Path:
@@ -152,9 +181,10 @@ def cmd_export(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from .job_folder import current_status as read_status  # a dead run reads as "failed: process ended"
+    from .job_folder import settle_status  # a dead run reads (and is saved) as "failed: process ended"
 
-    print(json.dumps(read_status(a.job_dir), indent=2))
+    _job_dir(a.job_dir)
+    print(json.dumps(settle_status(a.job_dir), indent=2))
     return 0
 
 
@@ -257,13 +287,20 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
     except OSError as e:  # a full disk (job_files.DiskFull names the folder and the bytes needed)
         if getattr(e, "errno", None) not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _print_error(e)
         return 2
+
+
+def _print_error(e: BaseException) -> None:
+    """One line, printable on any terminal: a lone surrogate or a newline inside a quoted value must not
+    turn the refusal into a UnicodeEncodeError or a second line."""
+    text = " ".join(str(e).splitlines()).encode("utf-8", "backslashreplace").decode("utf-8")
+    print(f"error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

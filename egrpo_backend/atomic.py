@@ -31,9 +31,14 @@ def atomic_path(path: str | os.PathLike, size: int = 0) -> Iterator[Path]:
     what was written before the disk filled).
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden name ending in .tmp: ComfyUI's file lists skip it if they look mid-write.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # A hidden name ending in .tmp: ComfyUI's file lists skip it if they look mid-write.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(dest.parent, max(size, 1), dest.name) from e
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -46,7 +51,7 @@ def atomic_path(path: str | os.PathLike, size: int = 0) -> Iterator[Path]:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
         if is_disk_full(e) and not isinstance(e, DiskFull):
-            raise DiskFull(dest.parent, max(size, written + 1), dest.name) from e
+            raise DiskFull(dest.parent, max(size, written + 4096), dest.name) from e  # unknown size: a block more at least
         raise
     _fsync_dir(dest.parent)
 
@@ -86,7 +91,9 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     """Save a dict of tensors as .safetensors atomically; metadata values must be strings."""
     from safetensors.torch import save_file
 
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    # the tensors, the JSON header (metadata and ~100 bytes per tensor entry) and its 8-byte length
+    size = (sum(t.numel() * t.element_size() for t in tensors.values()) + 8 + 100 * len(tensors)
+            + len(json.dumps(metadata or {})))
     with atomic_path(path, size) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from . import distributed
 from . import lora as lora_lib
 from .atomic import atomic_path, atomic_write_json
-from .job_files import job_subdir
+from .job_files import DiskFull, is_disk_full, job_subdir
 from .config import JobSpec
 from .provenance import lora_metadata
 
@@ -63,13 +63,20 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
     name = f"iter_{trainer.state.iteration:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     architecture = getattr(trainer.policy, "architecture", None)
-    lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture),
-                         naming="own")  # the model's own module names: what a resume loads back
     record = {"trainer": trainer_state, "runner": runner_state, "architecture": architecture}
-    with atomic_path(tmp / "state.pt") as part:  # fsynced before the folder is renamed into place
-        torch.save(record, part)
+    try:
+        tmp.mkdir()
+        lora_lib.export_lora(lora, tmp / "lora.safetensors", "comfy", metadata=lora_metadata(spec, architecture=architecture),
+                             naming="own")  # the model's own module names: what a resume loads back
+        with atomic_path(tmp / "state.pt", _tensor_bytes(record)) as part:  # fsynced before the folder is renamed into place
+            torch.save(record, part)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint would only hold space a full disk lacks
+        if is_disk_full(e):  # named for the checkpoints folder (the temp folder is gone), with both files' bytes
+            needed = _tensor_bytes(record) + sum(_tensor_bytes([t.down, t.up]) for t in lora.values()) + 16384
+            raise DiskFull(root, needed, f"checkpoint {name} (lora.safetensors and state.pt)") from e
+        raise
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -78,6 +85,17 @@ def save_checkpoint(job_dir, trainer, spec: JobSpec, runner_state: dict) -> Path
     for old in sorted(p for p in root.glob("iter_*") if p.name != name)[:-(KEEP_CHECKPOINTS - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of the tensors in a (nested) record: what torch.save needs at least (DiskFull says it)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def read_checkpoint(path: Path) -> dict:

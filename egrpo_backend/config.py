@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +28,35 @@ MAX_PROMPTS_PER_ITERATION = 4096
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 MAX_THREADS = 1024
 MAX_PROMPT_CHARS = 10_000
+MAX_TEXT_CHARS = MAX_PROMPT_CHARS  # any string in a spec (prompts, negative prompt, reward options)
+MAX_PATH_CHARS = 4096  # model.path, model.comfy.*, output.copy_to: PATH_MAX on Linux
+MAX_LIST_ITEMS = 4096  # any list in a spec other than the prompt lists (target_modules, sigmas, eval_seeds, ...)
+MAX_REWARD_WEIGHT = 1000.0  # |rewards[].weight|: a larger scale only rescales the advantages' inputs
+MAX_DEVICE_INDEX = 1023
 
 
 def _choice(key: str, value, allowed) -> None:
     if value not in allowed:
-        raise SpecError(f"{key} = {value!r} is not allowed; valid values: {', '.join(map(repr, allowed))}")
+        raise SpecError(f"{key} = {_short(value)} is not allowed; valid values: {', '.join(map(repr, allowed))}")
 
 
-def _range(key: str, value, lo=None, hi=None, lo_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"{key} must be a finite number, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise SpecError(f"{key} = {value!r} is out of range; it must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise SpecError(f"{key} = {value!r} is out of range; it must be <= {hi}")
+def _range(key: str, value, lo=None, hi=None, lo_open=False, why: str = "") -> None:
+    # Integers are compared as integers: math.isfinite(10**400) overflows converting it to a float.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+        raise SpecError(f"{key} must be a finite number, got {_short(value)}")
+    if isinstance(value, int) and value.bit_length() > 128:  # far outside every range below; repr would be 400 digits
+        raise SpecError(f"{key} = a {len(str(abs(value)))}-digit integer is out of range"
+                        + (f"; it must be between {lo} and {hi}" if lo is not None and hi is not None else "") + why)
+    low = lo is not None and (value <= lo if lo_open else value < lo)
+    if low or (hi is not None and value > hi):
+        bounds = [f"{'>' if lo_open else '>='} {lo}"] * (lo is not None) + [f"<= {hi}"] * (hi is not None)
+        raise SpecError(f"{key} = {value!r} is out of range; it must be {' and '.join(bounds)}{why}")
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr(value), cut: an error line quotes a value, never a 10,000-character one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -62,7 +78,7 @@ class ComfySpec:
 
     def validate(self) -> None:
         _choice("model.comfy.kind", self.kind, COMFY_KINDS)
-        _range("model.comfy.guidance", self.guidance, -1)
+        _range("model.comfy.guidance", self.guidance, -1, 1000)
         _range("model.comfy.length", self.length, 1, 10_000)
         if not isinstance(self.length, int):
             raise SpecError(f"model.comfy.length = {self.length!r} must be a whole number of frames (1 for image models)")
@@ -115,8 +131,10 @@ class ModelSpec:
         _choice("model.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         if self.offload_blocks != "auto" and (isinstance(self.offload_blocks, bool) or not isinstance(self.offload_blocks, int)
                                               or self.offload_blocks < 0):
-            raise SpecError(f"model.offload_blocks = {self.offload_blocks!r} is not allowed; give a block count (an "
+            raise SpecError(f"model.offload_blocks = {_short(self.offload_blocks)} is not allowed; give a block count (an "
                             "integer >= 0, 0 = no block swap) or 'auto' (from the device's free memory)")
+        if self.offload_blocks != "auto":
+            _range("model.offload_blocks", self.offload_blocks, 0, 10_000)  # far above any model's block count
         if self.offload_blocks != 0 and self.source == "default":
             raise SpecError("model.offload_blocks: the default model is tiny and has nothing to swap; set it to 0")
         if self.offload_blocks != 0 and self.gradient_checkpointing == "off":
@@ -132,8 +150,14 @@ class ModelSpec:
                             "model.comfy.width / height, the default model has a fixed size")
         if self.source != "default" and not self.path:
             raise SpecError(f"model.path is required for model.source = {self.source!r} (a local folder or file)")
+        if self.source == "default" and self.path:  # never ignored silently: the embedded model has no file
+            raise SpecError(f"model.path = {_short(self.path)} is not used by model.source = 'default' (the embedded "
+                            "digits model); remove model.path or set model.source to 'diffusers' or 'comfy'")
         if self.source == "comfy":
             self.comfy.validate()
+        elif self.comfy != ComfySpec():
+            raise SpecError(f"model.comfy applies to model.source = 'comfy' only (this spec has {self.source!r}); "
+                            "remove model.comfy")
 
     def gradient_checkpointing_on(self, device) -> bool:
         """auto: on for CUDA (memory), and always for comfy models, whose blocks add residuals in
@@ -193,7 +217,7 @@ class AlgorithmSpec:
         from .algorithms import PRESETS
 
         if not isinstance(preset, str) or preset not in PRESETS:
-            raise SpecError(f"algorithm.preset = {preset!r} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
+            raise SpecError(f"algorithm.preset = {_short(preset)} is not allowed; valid values: {', '.join(map(repr, PRESETS))}")
         defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                     for f in dataclasses.fields(self) if f.name != "preset"}
         unknown = sorted(set(values) - set(defaults))
@@ -210,8 +234,8 @@ class AlgorithmSpec:
         from .schedule import DIFFUSION_KINDS, check_merge
         from .trainer import UPDATE_MODES
         _range("algorithm.steps", self.steps, 2, 1000)
-        _range("algorithm.shift", self.shift, 0, lo_open=True)
-        _range("algorithm.eta", self.eta, 0, lo_open=True)
+        _range("algorithm.shift", self.shift, 0, 1000, lo_open=True)
+        _range("algorithm.eta", self.eta, 0, 100, lo_open=True)
         _choice("algorithm.diffusion", self.diffusion, DIFFUSION_KINDS)
         _range("algorithm.tau", self.tau, 0)
         try:
@@ -221,37 +245,56 @@ class AlgorithmSpec:
         _range("algorithm.group_size", self.group_size, 2, 1024)
         if not self.granularities or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 1000
                                          for g in self.granularities):
-            raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {self.granularities!r}")
+            raise SpecError(f"algorithm.granularities must be a non-empty list of integers >= 1, got {_short(self.granularities)}")
         if not (isinstance(self.active, str) or (isinstance(self.active, list) and self.active
                                                  and all(isinstance(i, int) and not isinstance(i, bool) for i in self.active))):
             raise SpecError(f"algorithm.active must be a string like '0-7', '0,2,4', 'all', 'first_half' or a list of "
-                            f"step indices, got {self.active!r}")
+                            f"step indices, got {_short(self.active)}")
+        if isinstance(self.active, str) and self.active not in ("all", "first_half") and not all(
+                _ACTIVE_PART.match(part) for part in self.active.replace(" ", "").split(",")):
+            raise SpecError(f"algorithm.active = {_short(self.active)} is not allowed; write step indices 0..999 in "
+                            "ASCII digits like '0-7' or '0,2,4', or 'all' or 'first_half'")
+        if isinstance(self.active, list):
+            for i, step in enumerate(self.active):
+                _range(f"algorithm.active[{i}]", step, 0, 999)
         if self.sigmas and any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in self.sigmas):
-            raise SpecError(f"algorithm.sigmas must be a list of numbers, got {self.sigmas!r}")
+            raise SpecError(f"algorithm.sigmas must be a list of numbers, got {_short(self.sigmas)}")
+        if len(self.sigmas) > 1001:
+            raise SpecError(f"algorithm.sigmas has {len(self.sigmas)} values; at most 1001 (1000 steps) are allowed")
+        for i, v in enumerate(self.sigmas):
+            _range(f"algorithm.sigmas[{i}]", v, 0, 1)
+        if isinstance(self.merge, int) and not isinstance(self.merge, bool):
+            _range("algorithm.merge", self.merge, 1, 1000)
+        if not isinstance(self.negative_prompt, str) or len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise SpecError(f"algorithm.negative_prompt must be a string of at most {MAX_PROMPT_CHARS} characters, got "
+                            f"{_short(self.negative_prompt)}")
         _choice("algorithm.branch", self.branch, BRANCH_KINDS)
         _choice("algorithm.granularity_grid", self.granularity_grid, GRANULARITY_GRIDS)
-        _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1)
+        _range("algorithm.branches_per_prompt", self.branches_per_prompt, 1, 1000)
         _choice("algorithm.branch_weighting", self.branch_weighting, BRANCH_WEIGHTINGS)
-        _range("algorithm.slide_every", self.slide_every, 1)
-        _range("algorithm.sde_window", self.sde_window, 0)
+        _range("algorithm.slide_every", self.slide_every, 1, MAX_ITERATIONS)
+        _range("algorithm.sde_window", self.sde_window, 0, 1000)
         _range("algorithm.train_fraction", self.train_fraction, 0, 1, lo_open=True)
         _choice("algorithm.train_subset", self.train_subset, TRAIN_SUBSETS)
         _choice("algorithm.kl_form", self.kl_form, KL_FORMS)
         for key in ("train_last_step", "slide_rollback", "window_within_active"):
             if not isinstance(getattr(self, key), bool):
-                raise SpecError(f"algorithm.{key} must be true or false, got {getattr(self, key)!r}")
+                raise SpecError(f"algorithm.{key} must be true or false, got {_short(getattr(self, key))}")
         _choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
         _range("algorithm.advantage_clip", self.advantage_clip, 0, lo_open=True)
         _choice("algorithm.reward_mode", self.reward_mode, REWARD_MODES)
         _range("algorithm.clip_range", self.clip_range, 0, lo_open=True)
-        _range("algorithm.kl_beta", self.kl_beta, 0)
+        _range("algorithm.kl_beta", self.kl_beta, 0, 1e6)
         _choice("algorithm.update_mode", self.update_mode, UPDATE_MODES)
-        _range("algorithm.guidance_scale", self.guidance_scale, 0)
+        _range("algorithm.guidance_scale", self.guidance_scale, 0, 100)
         self._validate_nft()
         try:
-            self.plan()
+            plan = self.plan()
         except ValueError as e:
             raise SpecError(f"algorithm: {e}") from None
+        if self.branches_per_prompt > len(plan.active):  # branch_starts would silently take min(...) of the two
+            raise SpecError(f"algorithm.branches_per_prompt = {self.branches_per_prompt} is out of range; it must be "
+                            f">= 1 and <= {len(plan.active)} (the number of active steps, algorithm.active)")
 
     def _validate_nft(self) -> None:
         from .algorithms import LOSSES
@@ -260,7 +303,7 @@ class AlgorithmSpec:
         _choice("algorithm.loss", self.loss, LOSSES)
         _range("algorithm.nft_beta", self.nft_beta, 0, lo_open=True)
         if isinstance(self.nft_decay, bool) or self.nft_decay not in DECAY_TYPES:
-            raise SpecError(f"algorithm.nft_decay = {self.nft_decay!r} is not allowed; valid values: "
+            raise SpecError(f"algorithm.nft_decay = {_short(self.nft_decay)} is not allowed; valid values: "
                             f"{', '.join(map(str, DECAY_TYPES))} (the old-policy EMA schedule, nft.old_policy_decay)")
         _range("algorithm.nft_timestep_fraction", self.nft_timestep_fraction, 0, 1, lo_open=True)
         if self.loss != "nft":
@@ -301,10 +344,16 @@ class LoraSpec:
 
         _range("lora.rank", self.rank, 1, 1024)
         _range("lora.init_seed", self.init_seed, 0, MAX_SEED)
-        if not all(isinstance(m, str) and m for m in self.target_modules):
-            raise SpecError(f"lora.target_modules must be a list of module names, got {self.target_modules!r}")
-        _range("lora.alpha", self.alpha, 0, lo_open=True)
+        if not all(isinstance(m, str) and _MODULE_NAME.match(m) for m in self.target_modules):
+            raise SpecError(f"lora.target_modules must be a list of module names (letters, digits, '_' and '.'), got "
+                            f"{_short(self.target_modules)}")
+        _range("lora.alpha", self.alpha, 0, 1e6, lo_open=True)
         _choice("lora.dtype", self.dtype, tuple(LORA_DTYPES))
+
+
+_DEVICE_INDEX = re.compile(r"cuda:([0-9]{1,4})\Z")
+_ACTIVE_PART = re.compile(r"([0-9]{1,3}(-[0-9]{1,3})?)?\Z")  # one part of '0-7,9' (ASCII: '٣'.isdigit() is True)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,255}\Z")
 
 
 @dataclass
@@ -339,7 +388,7 @@ class TrainSpec:
         _range("train.iterations", self.iterations, 1, MAX_ITERATIONS)
         _range("train.prompts_per_iteration", self.prompts_per_iteration, 1, MAX_PROMPTS_PER_ITERATION)
         _range("train.lr", self.lr, 0, 1, lo_open=True)
-        _range("train.weight_decay", self.weight_decay, 0)
+        _range("train.weight_decay", self.weight_decay, 0, 1000)
         _range("train.grad_clip", self.grad_clip, 0, lo_open=True)
         _choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
         _range("train.warmup_iterations", self.warmup_iterations, 0, MAX_ITERATIONS)
@@ -360,8 +409,22 @@ class TrainSpec:
         _range("train.dist_timeout", self.dist_timeout, 0, 86400, lo_open=True)
         _range("train.cond_cache_gb", self.cond_cache_gb, 0, 1e6)
         _range("train.cond_memory_gb", self.cond_memory_gb, 0, 1e4, lo_open=True)
-        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise SpecError(f"train.device = {self.device!r} is not allowed; valid values: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        # ASCII digits only: str.isdigit() accepts '٣' and '³', which torch.device cannot parse.
+        index = _DEVICE_INDEX.match(self.device)
+        if not (self.device in ("auto", "cpu", "cuda") or (index and int(index.group(1)) <= MAX_DEVICE_INDEX)):
+            raise SpecError(f"train.device = {_short(self.device)} is not allowed; valid values: 'auto', 'cpu', 'cuda', "
+                            f"'cuda:N' (N = 0..{MAX_DEVICE_INDEX}, ASCII digits)")
+
+    def max_update_units(self, algo: "AlgorithmSpec") -> int:
+        """The most update inputs (GRPO: (group, step) units; NFT: samples) one iteration can have: more
+        minibatches than this would be cut to it silently (Trainer._minibatches, NFTUpdate._chunks)."""
+        if algo.loss == "nft":
+            return self.prompts_per_iteration * algo.group_size
+        plan = algo.plan()
+        branches = {"active": len(plan.active), "first": 1, "sliding": 1}.get(
+            algo.branch, min(algo.branches_per_prompt, len(plan.active)))
+        window = algo.sde_window or len(plan.steps)
+        return self.prompts_per_iteration * branches * algo.group_size * min(window, len(plan.steps))
 
 
 @dataclass
@@ -396,11 +459,18 @@ class JobSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
-    base_dir: str = ""  # folder relative paths in the spec are resolved against (set by from_file)
+    # Not a spec key (a spec cannot set it): the folder a relative prompts.file is read from, the spec
+    # file's folder (from_file) or the job folder (load_spec). A class attribute, not a dataclass field,
+    # so it is never saved into job.json or a LoRA header, and _build refuses it as an unknown key.
+    base_dir = ""
 
     def validate(self) -> "JobSpec":
         for part in (self.model, self.algorithm, self.lora, self.train, self.output):
             part.validate()
+        if self.algorithm.loss == "nft" or self.algorithm.update_mode == "averaged":
+            most = self.train.max_update_units(self.algorithm)
+            _range("train.minibatches", self.train.minibatches, 1, most,
+                   why=f" (one iteration of this spec has at most {most} update inputs to split into minibatches)")
         if self.model.offload_blocks != 0 and self.train.parallel == "fsdp":
             raise SpecError("model.offload_blocks with train.parallel 'fsdp': FSDP2 already shards the frozen base across "
                             "ranks and cannot shard blocks kept on the host; use train.parallel 'ddp' or model.offload_blocks 0")
@@ -414,28 +484,36 @@ class JobSpec:
 
         for i, r in enumerate(self.rewards):
             if not isinstance(r, dict) or "name" not in r:
-                raise SpecError(f"rewards[{i}] must be an object with a 'name', got {r!r}")
+                raise SpecError(f"rewards[{i}] must be an object with a 'name', got {_short(r)}")
             if not isinstance(r["name"], str):
-                raise SpecError(f"rewards[{i}].name must be a string, got {r['name']!r}")
+                raise SpecError(f"rewards[{i}].name must be a string, got {_short(r['name'])}")
             _choice(f"rewards[{i}].name", r["name"], tuple(reward_names()))
-            _range(f"rewards[{i}].weight", r.get("weight", 1.0))
+            _range(f"rewards[{i}].weight", r.get("weight", 1.0), -MAX_REWARD_WEIGHT, MAX_REWARD_WEIGHT)
             allowed = reward_options(r["name"])
             unknown = sorted(set(r) - {"name", "weight", *allowed})
             if unknown:
                 raise SpecError(f"unknown option 'rewards[{i}].{unknown[0]}' for reward {r['name']!r}; "
                                 f"its options: {', '.join(allowed) or 'none'}")
+            _check_reward_option_types(i, r)
             try:  # video: the frames a reward scores against the frames the model makes (docs/rewards.md)
                 reward_frames.check_reward_frames(f"rewards[{i}]", r["name"], r.get("frames", "all"),
                                                   reward_min_frames(r["name"]), reward_frames.model_frames(self.model))
             except ValueError as e:
                 raise SpecError(str(e)) from None
+        if all(r.get("weight", 1.0) == 0 for r in self.rewards):  # the advantages would all be 0: no gradient at all
+            raise SpecError(f"rewards[].weight: every reward weight is 0, so every advantage is 0 and the LoRA never "
+                            f"changes; give at least one reward a weight other than 0 (-{MAX_REWARD_WEIGHT:g} .. "
+                            f"{MAX_REWARD_WEIGHT:g})")
         if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in self.eval_seeds):
-            raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {self.eval_seeds!r}")
+            raise SpecError(f"eval_seeds must be a list of integers in 0..2**63-1, got {_short(self.eval_seeds)}")
         from .export_formats import unloadable_formats
 
         for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
             raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
                             f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
+        from .provenance import check_header_size
+
+        check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1
         return self
 
     def prompt_set(self, eval: bool = False):
@@ -458,9 +536,13 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict, base_dir: str = "") -> "JobSpec":
-        spec = _build(cls, data, "")
-        if base_dir and not spec.base_dir:
-            spec.base_dir = str(base_dir)
+        try:
+            check_text(data)
+            spec = _build(cls, data, "")
+        except RecursionError:
+            raise SpecError("spec is nested too deeply (lists or objects inside each other hundreds of levels "
+                            "deep); a job spec is at most a few levels deep") from None
+        spec.base_dir = str(base_dir) if base_dir else ""
         return spec.validate()
 
     @classmethod
@@ -472,6 +554,8 @@ class JobSpec:
             data = loads_strict(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SpecError(f"spec file {path} is nested too deeply; a job spec is at most a few levels deep") from None
         return cls.from_dict(data, base_dir=str(path.resolve().parent))
 
 
@@ -485,7 +569,84 @@ def loads_strict(text: str):
             raise SpecError(f"the key {dup!r} appears twice in one object; keep one")
         return dict(items)
 
-    return json.loads(text, object_pairs_hook=pairs)
+    return json.loads(text, object_pairs_hook=pairs, parse_int=_parse_int)
+
+
+def _parse_int(text: str):
+    """An integer of JSON; beyond Python's int-conversion limit (4300 digits, a ValueError naming no key)
+    it reads as +-inf, which every numeric key then refuses by name."""
+    if len(text) <= 4000:
+        return int(text)
+    return float("-inf") if text.startswith("-") else float("inf")
+
+
+_PATH_KEYS = ("model.path", "model.comfy.comfy_root", "model.comfy.vae", "model.comfy.cond_cache", "output.copy_to")
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be carried (written to job.json, a LoRA header, a file name), or None."""
+    if "\x00" in text:
+        return f"contains a NUL byte at position {text.index(chr(0))}; remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains a lone surrogate ({text[e.start]!r} at position {e.start}), which is not text and cannot "
+                "be written as UTF-8; remove it")
+    return None
+
+
+def check_text(value, key: str = "spec") -> None:
+    """Every string (keys too) in a spec as loaded: no NUL byte, no lone surrogate, bounded length; every
+    list bounded. Checked before anything else reads the values, so the error names where it is."""
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        if problem:
+            raise SpecError(f"{key} {problem}")
+        limit = MAX_PATH_CHARS if key in _PATH_KEYS else MAX_TEXT_CHARS
+        if len(value) > limit:
+            raise SpecError(f"{key} is {len(value)} characters long; at most {limit} are allowed")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and (_text_problem(k) or len(k) > 256):
+                raise SpecError(f"a key in {key} is not a usable name ({_short(k)}); keys are short plain names")
+            check_text(v, k if key == "spec" else f"{key}.{k}")
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS and key not in ("prompts", "eval_prompts"):
+            raise SpecError(f"{key} has {len(value)} entries; at most {MAX_LIST_ITEMS} are allowed")
+        for i, v in enumerate(value):
+            check_text(v, f"{key}[{i}]")
+
+
+def _check_reward_option_types(i: int, reward: dict) -> None:
+    """A reward option given with the type its factory's default has (an int for a float is fine): a
+    wrong type would fail only when the job builds its rewards, after the job folder exists."""
+    import inspect
+
+    from .rewards.base import check_memory_options, reward_factory
+
+    try:
+        check_memory_options(reward["name"], {k: v for k, v in reward.items() if k not in ("name", "weight")})
+    except ValueError as e:
+        raise SpecError(f"rewards[{i}]: {e}") from None
+    params = inspect.signature(reward_factory(reward["name"])).parameters
+    for k, v in reward.items():
+        if k in ("name", "weight") or k not in params:
+            continue
+        default = params[k].default
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, (int, float)):
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))
+                  and (isinstance(default, float) or isinstance(v, int) or v.is_integer()))
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        else:
+            continue
+        if not ok:
+            raise SpecError(f"rewards[{i}].{k} must be {type(default).__name__} like its default {default!r}, "
+                            f"got {_short(v)}")
 
 
 def _build(cls, data, prefix: str):
@@ -511,20 +672,23 @@ def _build(cls, data, prefix: str):
 
 def _coerce(key: str, t, v):
     if t is bool and not isinstance(v, bool):
-        raise SpecError(f"{key} must be true or false, got {v!r}")
+        raise SpecError(f"{key} must be true or false, got {_short(v)}")
     if t is int:
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 return int(v)
-            raise SpecError(f"{key} must be an integer, got {v!r}")
+            raise SpecError(f"{key} must be an integer, got {_short(v)}")
     if t is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SpecError(f"{key} must be a number, got {v!r}")
-        return float(v)
+            raise SpecError(f"{key} must be a number, got {_short(v)}")
+        try:
+            return float(v)
+        except OverflowError:  # an integer of hundreds of digits
+            raise SpecError(f"{key} = a {len(str(abs(v)))}-digit integer is out of range of a number") from None
     if t is str and not isinstance(v, str):
-        raise SpecError(f"{key} must be a string, got {v!r}")
+        raise SpecError(f"{key} must be a string, got {_short(v)}")
     if t is list and not isinstance(v, list):
-        raise SpecError(f"{key} must be a list, got {v!r}")
+        raise SpecError(f"{key} must be a list, got {_short(v)}")
     if t is dict and not isinstance(v, dict):
-        raise SpecError(f"{key} must be an object, got {v!r}")
+        raise SpecError(f"{key} must be an object, got {_short(v)}")
     return v

@@ -6,7 +6,8 @@
 - `append_line` writes a line with one os.write on an O_APPEND descriptor and cuts the file back to
   its old size when that fails: a reader never sees half a line from it. `repair_torn_tail` cuts a
   half line a crash left (older versions, or a kill inside the kernel's write) before the next append.
-- A full disk (ENOSPC, EDQUOT) becomes DiskFull, whose message names the folder and the bytes needed.
+- A full disk (ENOSPC, EDQUOT, or the errors torch and safetensors raise on a short write) becomes
+  DiskFull, whose message names the folder, the bytes needed and the bytes free.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from pathlib import Path
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows: links there need privileges anyway
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# What a short write looks like when the writer does not pass the errno on: torch.save's zip writer
+# ("[enforce fail at inline_container.cc:672] . unexpected pos 39424 vs 39316", "basic_ios::clear:
+# iostream error", "PytorchStreamWriter failed writing file") and safetensors ("... (os error 28)").
+_SHORT_WRITE = ("unexpected pos", "iostream error", "failed writing file", "file write failed",
+                "No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 _os_write = os.write  # the one write of append_line (tests replace it to simulate a full disk)
 
 
@@ -30,8 +36,10 @@ class DiskFull(OSError):
 
     def __init__(self, folder, needed: int, what: str = "a file"):
         self.folder, self.needed = Path(folder), int(needed)
+        self.free = free_bytes(self.folder)
+        free = f"; {self.free} bytes ({self.free / 2**20:.1f} MiB) are free there" if self.free is not None else ""
         self.message = (f"disk full: writing {what} in {self.folder} needs {self.needed} bytes "
-                        f"({self.needed / 2**20:.1f} MiB) more than are free; free space there (or move the "
+                        f"({self.needed / 2**20:.1f} MiB){free}; free space there (or move the "
                         "job folder to a larger disk) and resume the job: its last checkpoint is intact")
         super().__init__(errno.ENOSPC, self.message)
 
@@ -40,7 +48,22 @@ class DiskFull(OSError):
 
 
 def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in _FULL
+    """Whether a WRITE failed for want of space (only ever asked about an error of a write)."""
+    if isinstance(error, OSError) and error.errno in _FULL:
+        return True
+    return isinstance(error, Exception) and any(m in str(error) for m in _SHORT_WRITE)
+
+
+def free_bytes(folder) -> int | None:
+    """Bytes free for this user where `folder` is (its nearest existing parent), or None if unknown."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _refuse_link(path: Path) -> None:
@@ -70,7 +93,12 @@ def refuse_link(path) -> Path:
 def job_subdir(job_dir, name: str) -> Path:
     """job_dir/name as a real folder inside the job folder (made if missing); a link is refused."""
     path = refuse_link(Path(job_dir) / name)
-    path.mkdir(exist_ok=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(job_dir, 4096, f"the folder {name}/") from e
+        raise
     if path.resolve().parent != Path(job_dir).resolve():
         raise UnsafeJobFile(f"{path} leads outside its job folder {job_dir}; remove it and try again")
     return path

@@ -7,9 +7,11 @@ the routes), so everything here is small, synchronous and safe to call from any 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 from . import job_process
 from .atomic import atomic_write_bytes, atomic_write_json
 from .config import JobSpec, SpecError
-from .job_files import append_line, open_job_file, refuse_link
+from .job_files import DiskFull, append_line, is_disk_full, open_job_file, refuse_link
 from .provenance import prompt_digest
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
@@ -65,6 +67,49 @@ def current_status(job_dir) -> dict:
     return status
 
 
+def settle_status(job_dir) -> dict:
+    """current_status, and made true on disk: a status.json saying "running" that no process runs is
+    rewritten as failed (`status`, `cancel` and `resume` call this, so the file agrees with what they say).
+
+    A shared lock on process.lock is held while it is rewritten, so a run that starts meanwhile waits in
+    job_process.claim and its "running" is never overwritten. A disk too full for it changes nothing."""
+    status = current_status(job_dir)
+    if status.get("status") != "failed" or status.get("message") != PROCESS_ENDED:
+        return status
+    with _runs_held_off(job_dir) as free:
+        if free and read_status(job_dir).get("status") == "running":
+            try:
+                return write_status(job_dir, status="failed", pid=None, message=PROCESS_ENDED)
+            except (OSError, ValueError):  # a full disk or a link: the answer stands, the file stays
+                pass
+    return current_status(job_dir)
+
+
+@contextlib.contextmanager
+def _runs_held_off(job_dir):
+    """Yields True while a shared lock on the job's process.lock is held (no run can start), False when a
+    run holds it now."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    try:
+        fd = open_job_file(Path(job_dir) / job_process.LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        yield True  # no lock file: no run ever took the lock
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 PROCESS_ENDED = ("process ended: the job's process is gone without writing an end (killed, crashed, a full disk, "
                  "or ComfyUI or the machine stopped); resume it from its last checkpoint")
 
@@ -72,8 +117,35 @@ PROCESS_ENDED = ("process ended: the job's process is gone without writing an en
 def write_status(job_dir, **fields) -> dict:
     saved = read_status(job_dir)
     status = {**({} if saved.get("status") == "damaged" else saved), **fields, "updated": time.time()}
-    atomic_write_json(refuse_link(Path(job_dir) / "status.json"), status)  # replaced, never written through a link
+    path = refuse_link(Path(job_dir) / "status.json")
+    try:
+        atomic_write_json(path, status)  # replaced, never written through a link
+    except DiskFull:
+        if not _overwrite_in_place(path, status):
+            raise
     return status
+
+
+def _overwrite_in_place(path: Path, status: dict) -> bool:
+    """The last resort of a full disk, where even a small temp file cannot be made: write the status over
+    the old one inside the space it already holds (a block, never less than 4 KiB on disk), padded with
+    spaces (valid JSON). Not atomic, so only when the atomic write failed; False when it does not fit."""
+    data = (json.dumps(status, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    try:
+        fd = open_job_file(path, os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if len(data) > max(st.st_size, st.st_blocks * 512):
+            return False
+        os.pwrite(fd, data.ljust(st.st_size, b" "), 0)
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def read_events(job_dir, offset: int = 0) -> tuple[list[dict], int]:
@@ -109,7 +181,7 @@ class EventLog:
         return event
 
 
-PROMPTS_FILE = re.compile(r"^prompts-[0-9a-f]{64}\.json$")  # a prompt list stored once in the job folder
+PROMPTS_FILE = re.compile(r"prompts-[0-9a-f]{64}\.json\Z")  # a prompt list stored once in the job folder
 
 
 def load_spec(job_dir) -> JobSpec:
@@ -120,6 +192,8 @@ def load_spec(job_dir) -> JobSpec:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SpecError(f"spec file {path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("base_dir"), str):
+        del data["base_dir"]  # written by older versions (no longer a spec key); the job folder takes its place
     for key in ("prompts", "eval_prompts"):  # the job's own prompt files live beside job.json, wherever it moved
         value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, dict) and PROMPTS_FILE.match(str(value.get("file", ""))):
@@ -155,21 +229,34 @@ def create_job(spec: JobSpec | dict, job_dir) -> Path:
         spec = JobSpec.from_dict(spec)
     if (job_dir / "job.json").exists():
         raise FileExistsError(f"{job_dir} already holds a job; use `resume {job_dir}` or choose another --out")
-    from .prompt_rules import check_prompt_rules
+    from .preflight import preflight
 
-    check_prompt_rules(spec)  # a prompt the model cannot read is refused before the folder exists (streamed)
+    preflight(spec)  # device, model files, copy_to, prompt rules (streamed), reward files: before the folder exists
+    made = not job_dir.exists()
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         probe = job_dir / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(job_dir, 4096, "the job folder") from None
         raise PermissionError(f"cannot write the job directory {job_dir}: {e.strerror}; choose a writable --out") from None
-    data = spec.to_dict()
-    data["prompts"] = _job_prompts(job_dir, spec, spec.prompts, spec.prompt_set())
-    data["eval_prompts"] = _job_prompts(job_dir, spec, spec.eval_prompts, spec.prompt_set(eval=True) if spec.eval_prompts else [])
-    atomic_write_json(job_dir / "job.json", data)
-    write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
+    data = {}
+    try:
+        data = spec.to_dict()
+        data["prompts"] = _job_prompts(job_dir, spec, spec.prompts, spec.prompt_set())
+        data["eval_prompts"] = _job_prompts(job_dir, spec, spec.eval_prompts, spec.prompt_set(eval=True) if spec.eval_prompts else [])
+        atomic_write_json(job_dir / "job.json", data)
+        write_status(job_dir, status="created", iteration=0, total=spec.train.iterations, pid=None, message="", lora=None)
+    except BaseException:  # a full disk half way: no job folder that cannot run
+        stored = [d["file"] for d in (data.get("prompts"), data.get("eval_prompts"))  # never a user's prompt file
+                  if isinstance(d, dict) and PROMPTS_FILE.match(str(d.get("file", "")))]
+        for name in ("job.json", "status.json", *stored):
+            (job_dir / name).unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(job_dir, ignore_errors=True)
+        raise
     return job_dir
 
 
@@ -184,12 +271,17 @@ def request_cancel(job_dir) -> bool:
         raise FileNotFoundError(f"{job_dir} is not a job directory (no job.json)")
     if not job_process.job_running(job_dir):
         raise RuntimeError(f"job {job_dir} is not running (no process holds {job_process.LOCK_FILE}): there is "
-                           f"nothing to cancel; its status is {read_status(job_dir).get('status')!r}")
-    fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
+                           f"nothing to cancel; its status is {settle_status(job_dir).get('status')!r}")
     try:
-        os.write(fd, str(time.time()).encode())
-    finally:
-        os.close(fd)
+        fd = open_job_file(job_dir / job_process.CANCEL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # never via a link
+        try:
+            os.write(fd, str(time.time()).encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFull):
+            raise DiskFull(job_dir, 4096, job_process.CANCEL_FILE) from e
+        raise
     return job_process.signal_owner(job_dir, signal.SIGTERM)
 
 

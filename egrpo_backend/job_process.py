@@ -162,9 +162,13 @@ def claim(job_dir, wait: float = 3.0) -> tuple[JobLock, bool]:
                 raise JobBusy(f"job {job_dir} is already running in another process (pid {other.get('pid', '?')}); "
                               "cancel it or wait for it to end") from None
             time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({**identity(), "started": time.time()}).encode(), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({**identity(), "started": time.time()}).encode(), 0)
+        os.fsync(fd)
+    except OSError:  # a full disk: the lock is let go with the descriptor, not held until this process exits
+        os.close(fd)
+        raise
     cancel = job_dir / CANCEL_FILE
     try:
         if cancel.stat().st_mtime < process_started_at():

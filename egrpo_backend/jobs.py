@@ -62,7 +62,7 @@ from .encode_progress import EncodeProgress
 from .evaluation import HeldOut
 from .export_formats import spec_family, spec_naming
 from .guard import HackingGuard
-from .job_files import job_subdir
+from .job_files import DiskFull, job_subdir
 from .job_folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_status, load_spec, read_events,
                          read_json, read_status, request_cancel, write_status)
 from .paths import check_name
@@ -98,8 +98,7 @@ def export_job(job_dir, fmt: str, out=None, spec: JobSpec | None = None) -> Path
                                 family=spec_family(spec) or record.get("architecture"), naming=spec_naming(spec))
     if spec.output.copy_to and out is None and fmt == spec.output.formats[0]:
         dest = Path(spec.output.copy_to) / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, path.read_bytes())
+        atomic_write_bytes(dest, path.read_bytes())  # makes the folder too (a full disk named as DiskFull)
         return dest
     return path
 
@@ -132,10 +131,10 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
     distributed.init(distributed.rank_device(resolve_device(spec.train.device)), spec.train.dist_timeout)
     events = EventLog(job_dir) if distributed.is_writer() else _SilentLog()
     cancel = CancelFlag(job_dir)
-    _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
     threads = torch.get_num_threads()
     ended_cleanly = False
     try:
+        _writer_status(job_dir, status="running", pid=os.getpid(), message="", world_size=distributed.world_size())
         if spec.train.threads:  # the thread count changes float reduction order: part of a run's identity
             torch.set_num_threads(spec.train.threads)
         result = _run(job_dir, spec, events, cancel, until, progress and distributed.is_writer())
@@ -153,12 +152,15 @@ def run_job(job_dir, until: int | None = None, progress: bool = True) -> dict:
 def _record_failure(job_dir: Path, events: EventLog, error: BaseException) -> None:
     """The error event and the failed status, as far as the disk allows: when it is full, these writes
     fail too, and the status still reads failed ("process ended", job_folder.current_status)."""
-    msg = f"{type(error).__name__}: {error}" + (f" (rank {distributed.rank()})" if distributed.world_size() > 1 else "")
-    try:
-        events.emit("error", message=msg, traceback=traceback.format_exc())
-        _writer_status(job_dir, status="failed", message=msg, pid=None)
-    except OSError as e:
-        log.warning("could not record the failure of %s: %s", job_dir, e)
+    msg = str(error) if isinstance(error, DiskFull) else f"{type(error).__name__}: {error}"  # "failed: disk full: ..."
+    msg += f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+    # The status first: on a full disk it can still be written in place, the event line may not fit.
+    for record in (lambda: _writer_status(job_dir, status="failed", message=msg, pid=None),
+                   lambda: events.emit("error", message=msg, traceback=traceback.format_exc())):
+        try:
+            record()
+        except OSError as e:
+            log.warning("could not record the failure of %s: %s", job_dir, e)
 
 
 def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, until, progress) -> dict:
@@ -243,18 +245,33 @@ def _run(job_dir: Path, spec: JobSpec, events: EventLog, cancel: CancelFlag, unt
     if not writer:
         return {"status": status, "iteration": trainer.state.iteration, "lora": [], "history": trainer.state.history,
                 "eval": held_out.history}
-    return _finish(job_dir, spec, trainer, held_out, status, events)
+    return _finish(job_dir, spec, trainer, held_out, status, events, trained=trainer.state.iteration > done_at_start)
 
 
-def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: str, events: EventLog) -> dict:
-    """Export the LoRA in every format, write the reports and the final status."""
+def _exported(job_dir: Path, spec: JobSpec) -> list[Path] | None:
+    """The LoRA files an earlier end of this run wrote (the copy in output.copy_to first), or None if one is missing."""
+    paths = [job_dir / "lora" / _lora_file_name(spec, fmt) for fmt in spec.output.formats]
+    if spec.output.copy_to:
+        paths[0] = Path(spec.output.copy_to) / paths[0].name
+    return paths if all(p.is_file() for p in paths) else None
+
+
+def _finish(job_dir: Path, spec: JobSpec, trainer, held_out: HeldOut, status: str, events: EventLog,
+            trained: bool = True) -> dict:
+    """Export the LoRA in every format, write the reports and the final status. A run that trained no
+    iteration (`resume` of a finished job) keeps the files already exported: same tensors, same bytes."""
     it = trainer.state.iteration
     if it < spec.train.iterations and status == "finished":
         status = "stopped"  # `until` reached: resumable
     # A run cancelled before any iteration finished has learned nothing: no LoRA (its checkpoint stays, to resume).
-    paths = [] if status == "cancelled" and it == 0 else [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
-    for fmt, path in zip(spec.output.formats, paths):
-        events.emit("export", format=fmt, path=str(path.resolve()), **lora_lib.keys_mapped_of(path))
+    # A run that trained nothing more (`resume` of a finished job) keeps the files it exported: same bytes.
+    kept = None if trained else _exported(job_dir, spec)
+    if kept is not None:
+        paths = kept
+    else:
+        paths = [] if status == "cancelled" and it == 0 else [export_job(job_dir, fmt, spec=spec) for fmt in spec.output.formats]
+        for fmt, path in zip(spec.output.formats, paths):
+            events.emit("export", format=fmt, path=str(path.resolve()), **lora_lib.keys_mapped_of(path))
     write_reports(job_dir, trainer.state.history, held_out.history)
     (job_dir / "cancel").unlink(missing_ok=True)
     lora = str(paths[0].resolve()) if paths else None

@@ -7,7 +7,7 @@ its keys land on a module of the model (docs/lora_formats.md).
   kohya  kohya sd-scripts, Forge and ComfyUI: lora_unet_<native module, '.' -> '_'>.
 The ComfyUI rules are a copy of the two lines of model_lora_keys_unet (ComfyUI 0.33.0,
 comfy/lora.py) that map these prefixes from the model's own state-dict keys; ComfyUI cannot be
-imported outside ComfyUI. tests/comfy_integration/test_lora_formats.py checks them against the real
+imported outside ComfyUI. tests/comfy_integration/test_comfy_lora_formats.py checks them against the real
 function. A file that maps less than all of its keys is never written (lora.export_lora).
 """
 

@@ -8,7 +8,7 @@ because ComfyUI cannot be imported outside ComfyUI (it is not a package):
   diffusers 0.42.1, loaders/lora_conversion_utils.py: _convert_kohya_flux_lora_to_diffusers
       (the same FLUX names, kohya side).
 tests/test_lora_formats.py checks the FLUX rules against diffusers' converter, and
-tests/comfy_integration/test_lora_formats.py checks both families against the real ComfyUI functions.
+tests/comfy_integration/test_comfy_lora_formats.py checks both families against the real ComfyUI functions.
 
 A native module that fuses several diffusers modules (FLUX / SD3 qkv = to_q, to_k, to_v; FLUX's
 single-block linear1 = to_q, to_k, to_v, proj_mlp) stacks them by rows in that order. Splitting a

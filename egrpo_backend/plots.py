@@ -1,15 +1,17 @@
 """PNG pictures people would rather look at: the entropy plan, reward curves and sample grids
 (animated WebP for video samples).
 
-All writers are atomic (render to a temp file, then rename) and use matplotlib's Agg backend, so
+All writers are atomic (rendered in memory, written to a temp file, renamed) and use matplotlib's Agg backend, so
 they work headless and inside ComfyUI's process.
 """
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_write_bytes
 
 
 def _figure(width=8.0, height=3.6):
@@ -22,9 +24,12 @@ def _figure(width=8.0, height=3.6):
 
 
 def _save(plt, fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
+    buf = io.BytesIO()  # rendered first: a full disk is then named with the exact bytes needed
+    try:
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_entropy_plan(plan, path) -> None:
@@ -108,16 +113,18 @@ def image_grid(rows: list, path, row_labels: list[str] | None = None, scale: int
                          f"{'.webp (animated)' if video else '.png'}")
     if not video:
         img = _grid_picture([r.detach().float().cpu() for r in rows], row_labels, scale)
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
+        buf = io.BytesIO()  # rendered first: a full disk is then named with the exact bytes needed
+        img.save(buf, format="PNG")
+        atomic_write_bytes(path, buf.getvalue())
         return
     frames = [_grid_picture([r[:, f].detach().float().cpu() for r in rows], row_labels, scale) for f in range(rows[0].shape[1])]
     # lossless: the samples show what the reward saw. libwebp stores identical consecutive frames once
     # with their durations summed (the clip keeps its length); a grid whose frames are all the same is
     # written as one still picture.
-    with atomic_path(path) as tmp:
-        frames[0].save(tmp, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / VIDEO_FPS),
-                       loop=0, lossless=True)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / VIDEO_FPS),
+                   loop=0, lossless=True)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _grid_picture(rows: list, row_labels: list[str] | None, scale: int):

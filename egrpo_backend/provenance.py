@@ -44,16 +44,42 @@ def _strip_paths(value, where=()):
 
 def shareable_spec(spec: JobSpec) -> dict:
     """The spec as a LoRA header may carry it: prompts as digests, file names instead of paths."""
-    data = spec.to_dict()
-    data.pop("base_dir", None)
-    data["prompts"] = spec.prompt_set().digest()  # a set file: the sha256 of its bytes (docs/prompts.md)
-    data["eval_prompts"] = spec.prompt_set(eval=True).digest() if spec.eval_prompts else prompt_digest([])
-    data = _strip_paths(data)
-    size = len(json.dumps(data))
-    if size > HEADER_LIMIT_BYTES:
-        raise ValueError(f"the training spec is {size} bytes without its prompts (limit {HEADER_LIMIT_BYTES}); "
-                         "shorten long option values (target_modules, reward options)")
+    prompts = spec.prompt_set().digest()  # a set file: the sha256 of its bytes (docs/prompts.md)
+    evals = spec.prompt_set(eval=True).digest() if spec.eval_prompts else prompt_digest([])
+    data = _header_spec(spec, prompts, evals)
+    _refuse_large_header(data)
     return data
+
+
+def _header_spec(spec: JobSpec, prompts: dict, eval_prompts: dict) -> dict:
+    data = spec.to_dict()
+    data["prompts"], data["eval_prompts"] = prompts, eval_prompts
+    return _strip_paths(data)
+
+
+def check_header_size(spec: JobSpec) -> None:
+    """Refuse, while the spec is validated, a spec whose LoRA header (every checkpoint writes one) would be
+    over the limit: the prompt digests are sized for the largest count, so no prompt list is read here."""
+    widest = {"count": 10**15, "sha256": "0" * 64}
+    _refuse_large_header(_header_spec(spec, widest, widest))
+
+
+def _refuse_large_header(data: dict) -> None:
+    from .config import SpecError
+
+    size = len(json.dumps(data, sort_keys=True))
+    if size > HEADER_LIMIT_BYTES:
+        key, biggest = max(_leaf_sizes(data), key=lambda kv: kv[1])
+        raise SpecError(f"{key}: the training spec is {size} bytes without its prompts (limit {HEADER_LIMIT_BYTES}, "
+                        f"what each LoRA header carries); {key} alone takes {biggest} bytes: shorten it")
+
+
+def _leaf_sizes(value, where: str = ""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaf_sizes(v, f"{where}.{k}" if where else k)
+    else:
+        yield where, len(json.dumps(value))
 
 
 def base_model_name(spec: JobSpec, architecture: str | None = None) -> str | None:

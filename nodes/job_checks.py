@@ -1,4 +1,5 @@
-"""What a training job would refuse later, checked in E-GRPO Train LoRA before any job folder exists.
+"""What a training job would refuse later, checked in E-GRPO Train LoRA before any job folder exists
+(the node's own inputs; the spec's values and this machine are egrpo_backend.preflight's).
 
 The child process validates its spec again, but a mistake found there costs a job folder, a child
 start and a failed row in the panel. These checks raise the same complaint at once, as the node's
@@ -101,25 +102,6 @@ def resolve_prompt_files(extra: dict, input_dir) -> dict:
     return out
 
 
-def check_prompts(job) -> None:
-    """The embedded digits model (and the digit_probability reward) understand prompts that name exactly
-    one digit; the same streamed check the job runs (egrpo_backend/prompt_rules.py), on every training
-    and held-out prompt."""
-    from egrpo_backend.prompt_rules import check_prompt_rules
-
-    check_prompt_rules(job)
-
-
-def check_device(device: str) -> None:
-    """A CUDA device that ComfyUI's own process cannot see would fail in the job too."""
-    from egrpo_backend.policies import resolve_device
-
-    try:
-        resolve_device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device: {e}") from None
-
-
 def check_gpus(gpus: int, device: str, prompts_per_iteration: int) -> None:
     """gpus > 1 (torchrun, one rank per GPU): the iteration's prompts split evenly over the ranks, and on
     CUDA each rank needs a GPU of its own that this machine has. CPU ranks (gloo) need no GPU."""
@@ -145,18 +127,3 @@ def check_gpus(gpus: int, device: str, prompts_per_iteration: int) -> None:
     if count < gpus:
         raise ValueError(f"gpus = {gpus} needs {gpus} CUDA devices (one per rank) but this machine has {count}; "
                          f"set gpus to {max(1, count)} or less, or device to 'cpu' (gloo ranks)")
-
-
-def check_reward_files(rewards: list[dict]) -> None:
-    """Model-based rewards need weight files; a missing one is named with where it was looked for."""
-    try:
-        from egrpo_backend.rewards.models.status import reward_status
-    except ImportError:  # optional dependencies missing: the job reports it
-        return
-    for r in rewards:
-        if set(r) - {"name", "weight", "reward_dir"}:
-            continue  # custom options may name other files: the job checks those
-        row = next((s for s in reward_status(r.get("reward_dir")) if s["name"] == r["name"]), None)
-        if row is not None and not row["found"]:
-            raise ValueError(f"reward {r['name']!r} needs {', '.join(row['files'])}, not found in {row['searched']}. "
-                             f"{row['hint']}".strip())

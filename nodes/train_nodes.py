@@ -264,6 +264,7 @@ class TrainLoraNode(io.ComfyNode):
                 device="auto", gpus=1, spec_overrides="", length=ComfySpec.length) -> io.NodeOutput:
         from egrpo_backend.config import JobSpec
         from egrpo_backend.paths import check_name
+        from egrpo_backend.preflight import preflight
 
         check_name(name, "name")
         if not reward:
@@ -302,10 +303,8 @@ class TrainLoraNode(io.ComfyNode):
         if source == "comfy":
             spec["model"]["comfy"]["cond_cache"] = str(job_dir / NODE_CONDS)
         job = JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
-        job_checks.check_prompts(job)
-        job_checks.check_device(job.train.device)
+        preflight(job)  # what the job would refuse on this machine (device, files, prompt rules), before any file
         job_checks.check_gpus(gpus, job.train.device, job.train.prompts_per_iteration)
-        job_checks.check_reward_files(job.rewards)
         fallback = ""
         if source == "comfy" and not (job_dir / "job.json").exists():
             if not clip_files:

@@ -118,15 +118,20 @@ def test_start_cancel_resume_and_queue(manager, tmp_path):
 
 
 def test_crash_in_child_is_surfaced(manager, tmp_path):
-    """A spec that fails inside the child (a diffusers model folder that does not exist): the job is
-    failed with the child's message, and the manager keeps working."""
-    bad = spec(1, model={"source": "diffusers", "path": str(tmp_path / "no_such_model")}, prompts=["a red cube"])
+    """A spec that fails inside the child (a diffusers folder whose model_index.json names a transformer
+    that is not there; a missing folder is refused before the job exists): the job is failed with the
+    child's message, and the manager keeps working."""
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                          "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    bad = spec(1, model={"source": "diffusers", "path": str(broken)}, prompts=["a red cube"])
     job = manager.submit(bad, "crash")
     wait_for(lambda: manager.get(job)["status"] == "failed", timeout=60, what="failed status")
     info = manager.get(job)
-    assert "no_such_model" in info["message"]
+    assert "broken_model" in info["message"]
     errors = [d for _, d in manager.sent if d["job"] == job and d["type"] == "error"]
-    assert errors and "no_such_model" in errors[0]["message"]
+    assert errors and "broken_model" in errors[0]["message"]
     assert info["resumable"]
     # a real model's LoRA is copied into ComfyUI's loras folder (the core LoraLoader lists it)
     assert json.loads((manager.root / job / "job.json").read_text())["output"]["copy_to"] == str(tmp_path / "loras" / "egrpo")

@@ -4,7 +4,7 @@
 The diffusers-named LoRA is what the diffusers path trains; the native-named one (BFL / SAI names,
 q/k/v fused) is what the comfy path trains on ComfyUI's model. Here it is made by fusing and then
 randomizing (a real fused LoRA: no block structure). The real ComfyUI loads them in
-tests/comfy_integration/test_lora_formats.py.
+tests/comfy_integration/test_comfy_lora_formats.py.
 """
 
 from __future__ import annotations

@@ -118,3 +118,11 @@ def _load_builtin() -> None:
     except ImportError as e:  # pragma: no cover
         if "default_model" not in str(e):
             raise
+
+
+def reward_factory(name: str):
+    """The registered factory of a reward (its signature gives the options and their defaults)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
