@@ -60,6 +60,7 @@ class ComfySpec:
     loras: list = field(default_factory=list)  # LoRAs patched onto the MODEL before the Train node: [{"name": file in loras, "strength"}], trained on top
     lora_dirs: list = field(default_factory=list)  # ComfyUI's loras folders, where those names are looked up (never outside them)
     model_sampling: dict = field(default_factory=dict)  # a ModelSampling* patch on the MODEL: {"kind": discrete_flow | flux, "shift", "multiplier"}; {} = the model's own
+    clip: dict = field(default_factory=dict)  # the graph's CLIP files, reloaded in the job to encode prompts as needed (policies/comfy_clip.py); {} = the node encoded every prompt
 
     def validate(self) -> None:
         _choice("model.comfy.kind", self.kind, COMFY_KINDS)
@@ -78,6 +79,10 @@ class ComfySpec:
                                 "\"flux\", \"shift\": number, \"multiplier\": number}")
             _range("model.comfy.model_sampling.shift", ms.get("shift"), -100, 100)
             _range("model.comfy.model_sampling.multiplier", ms.get("multiplier", 1000.0), 0, lo_open=True)
+        if self.clip:
+            from .policies.comfy_clip import check_clip_record
+
+            check_clip_record(self.clip)
         for key in ("width", "height"):
             value = getattr(self, key)
             _range(f"model.comfy.{key}", value, 64, 4096)

@@ -14,7 +14,7 @@ import json
 # two places for one value would leave one silently ignored.
 NODE_KEYS = {
     "model.source": "source", "model.path": "model", "model.comfy.comfy_root": "model",
-    "model.comfy.kind": "model", "model.comfy.vae": "vae (or vae_name)", "model.comfy.cond_cache": "clip",
+    "model.comfy.kind": "model", "model.comfy.vae": "vae (or vae_name)", "model.comfy.cond_cache": "clip", "model.comfy.clip": "clip",
     "model.comfy.guidance": "guidance", "model.comfy.width": "width", "model.comfy.height": "height",
     "model.comfy.length": "length", "model.comfy.loras": "model", "model.comfy.lora_dirs": "model",
     "model.comfy.model_sampling": "model",

@@ -20,6 +20,7 @@ from comfy_api.latest import io
 from . import types
 
 NO_FILE = "(none)"
+STREAM_ABOVE_BYTES = 4 * 2**20  # a larger file is passed on as {"file": path} and streamed by the job, never read whole here
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -138,7 +139,17 @@ class PromptListNode(io.ComfyNode):
         out = parse_prompts(prompts)
         choice = current_choice(file)
         if choice != NO_FILE:
-            out += parse_prompts(prompt_file_path(choice).read_text(encoding="utf-8"))
+            path = prompt_file_path(choice)
+            if path.stat().st_size > STREAM_ABOVE_BYTES:  # a large set: the job streams it (docs/prompts.md)
+                if out:
+                    raise ValueError(f"prompt file {choice!r} is large ({path.stat().st_size / 2**20:.1f} MB), so the job "
+                                     "reads it as a stream and it cannot be joined to the typed prompts: clear the "
+                                     "typed prompts, or add them to the file")
+                from egrpo_backend.prompt_sets import open_prompts
+
+                reference = {"file": str(path)}
+                return io.NodeOutput(reference, len(open_prompts(reference, "prompts")))  # indexed, not held
+            out += parse_prompts(path.read_text(encoding="utf-8"))
         if not out:
             raise ValueError("the prompt list is empty: type at least one prompt (one per line) or choose a .txt file")
         return io.NodeOutput(out, len(out))

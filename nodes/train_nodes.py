@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from comfy_api.latest import io
 from egrpo_backend.config import ComfySpec
 
 from . import comfy_glue, job_checks, types
+from .clip_files import clip_record
 from .images import blank_image, png_to_image
 from .job_manager import get_manager
 
+log = logging.getLogger("egrpo")
 SOURCES = ["default", "comfy"]
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -51,7 +55,7 @@ def build_spec(*, source, name, reward, prompts, preset, iterations, group_size,
                          active=plan.active, diffusion=plan.diffusion)
     spec = {
         "model": {"source": source},
-        "prompts": list(prompts or []),
+        "prompts": dict(prompts) if isinstance(prompts, dict) else list(prompts or []),  # a dict: a large file, streamed
         "rewards": [dict(r) for r in reward],
         "algorithm": algorithm,
         "lora": {"rank": lora_rank, "alpha": float(lora_rank)},
@@ -96,12 +100,48 @@ def comfy_model_files(model, vae, vae_name: str = "") -> dict:
     return files
 
 
-def encode_prompts(clip, prompts: list[str], path: Path) -> None:
-    """Encode each prompt with the node's CLIP once, in ComfyUI's process, and store its WHOLE conditioning
-    (every tensor and option `encode_from_tokens_scheduled` returns; policies/comfy_conds.py) for the child."""
-    from egrpo_backend.policies.comfy_conds import write_comfy_conds
+NODE_CONDS = "node_conds"  # in the job folder: what the node encoded (policies/cond_store.py layout, never evicted)
+NODE_CHUNK = 256  # prompts encoded and written per chunk when the node encodes the training set itself
 
-    write_comfy_conds({p: clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in prompts}, path)
+
+def encode_prompts(clip, prompts, folder: Path, progress=None) -> int:
+    """Encode each prompt with the node's CLIP once, in ComfyUI's process, and store its WHOLE conditioning
+    (every tensor and option `encode_from_tokens_scheduled` returns; policies/comfy_conds.py) in the job's
+    node cache, NODE_CHUNK prompts at a time: one small file per prompt, nothing held beyond a chunk."""
+    from egrpo_backend.policies.comfy_clip import encode_conditioning
+    from egrpo_backend.policies.comfy_conds import COMFY_FAMILY, conditioning_to_cond
+    from egrpo_backend.policies.cond_store import CondStore
+
+    shutil.rmtree(folder, ignore_errors=True)  # what an interrupted earlier attempt left may come from other files
+    store = CondStore(lambda p: conditioning_to_cond(p, encode_conditioning(clip, p)), COMFY_FAMILY, folder=folder,
+                      disk_bytes=float("inf"), memory_bytes=0)
+    chunk, done = [], 0
+    for p in prompts:
+        chunk.append(p)
+        if len(chunk) == NODE_CHUNK:
+            done += store.ensure(chunk)
+            chunk = []
+            if progress is not None:
+                progress(done)
+            comfy_glue.check_interrupt()
+    done += store.ensure(chunk)
+    return store.encoded
+
+
+def node_texts(job, training: bool) -> tuple:
+    """(texts, how many) the node encodes: the held-out prompts and the negative prompt (used with CFG);
+    with `training` (the job cannot encode), every text the job encodes (build.texts_to_encode),
+    streamed: a file set is never read whole."""
+    from itertools import chain
+
+    from egrpo_backend.jobs.build import eval_pairs, training_prompts
+
+    held_out = list(dict.fromkeys(p for p, _ in eval_pairs(job)))
+    negative = [job.algorithm.negative_prompt] if training or job.algorithm.guidance_scale != 1 else []
+    if not training:
+        return held_out + negative, len(held_out) + len(negative)
+    prompts = training_prompts(job)
+    return chain(prompts, held_out, negative), len(prompts) + len(held_out) + len(negative)
 
 
 def comfy_graph_keys(model, shift: float, plan) -> dict:
@@ -178,7 +218,9 @@ class TrainLoraNode(io.ComfyNode):
                                                                       "for the default model."),
                 io.Model.Input("model", optional=True, tooltip="source = comfy: the model to train (from Load "
                                                                "Diffusion Model or Load Checkpoint)."),
-                io.Clip.Input("clip", optional=True, tooltip="source = comfy: encodes the prompts once, here."),
+                io.Clip.Input("clip", optional=True, tooltip="source = comfy: the job loads its files again and encodes "
+                                                             "the prompts as needed (a custom loader's CLIP: encoded "
+                                                             "here, before the job starts)."),
                 io.Vae.Input("vae", optional=True, tooltip="source = comfy: decodes rollouts for the reward."),
                 io.String.Input("vae_name", default="", optional=True, advanced=True,
                                 tooltip="source = comfy: VAE file name in models/vae when the VAE's file cannot be "
@@ -232,6 +274,10 @@ class TrainLoraNode(io.ComfyNode):
                           eta=eta, tau=tau, active=active, lr=lr, clip_range=clip_range, lora_rank=lora_rank, seed=seed,
                           device=device, plan=plan, overrides=spec_overrides)
         identity = {}
+        if isinstance(prompts, dict):  # a streamed prompt file: a changed file is a new job
+            from egrpo_backend.prompt_sets import open_prompts
+
+            identity["prompts"] = open_prompts(prompts, "prompts").digest()
         manager = get_manager()
         if source == "comfy":
             if model is None or clip is None or vae is None:
@@ -241,26 +287,49 @@ class TrainLoraNode(io.ComfyNode):
             files = comfy_model_files(model, vae, vae_name)
             graph = comfy_graph_keys(model, shift, plan)
             check_latent(model, width, height, length)
-            identity = {**files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
+            clip_files, not_reloadable = clip_record(clip)
+            identity = {**identity, **files, "clip": comfy_glue.patcher_source(clip).get("paths", [])}
             spec["model"]["path"] = files["path"]
             # Overrides cannot hold these keys (refused above): anything left there is unknown and JobSpec names it.
             spec["model"]["comfy"] = {**spec["model"].get("comfy", {}), "comfy_root": comfy_glue.comfy_root(),
                                       "kind": files["kind"], "vae": files["vae"], "guidance": guidance,
                                       "width": width, "height": height, "length": length, **graph}
+            if clip_files:  # the job reloads the CLIP and encodes training prompts as needed
+                spec["model"]["comfy"]["clip"] = clip_files
         elif prompts is None:
             spec["prompts"] = []
         job_id = job_id_for(name, spec, identity, gpus)
         job_dir = manager.job_dir(job_id)
         if source == "comfy":
-            spec["model"]["comfy"]["cond_cache"] = str(job_dir / "conds.safetensors")
+            spec["model"]["comfy"]["cond_cache"] = str(job_dir / NODE_CONDS)
         job = JobSpec.from_dict(spec)  # every mistake is reported here, before anything is written
         preflight(job)  # what the job would refuse on this machine (device, files, prompt rules), before any file
         job_checks.check_gpus(gpus, job.train.device, job.train.prompts_per_iteration)
+        fallback = ""
         if source == "comfy" and not (job_dir / "job.json").exists():
-            from egrpo_backend.jobs.build import texts_to_encode
+            if not clip_files:
+                fallback = (f"the CLIP cannot be loaded again in the job ({not_reloadable}), so this node encodes every "
+                            "training prompt itself, before the job starts; load it with a core CLIP loader "
+                            "(Load CLIP, DualCLIPLoader, Load Checkpoint) to have the job encode them as needed")
+                log.warning("E-GRPO %s: %s", job_id, fallback)
+                comfy_glue.send_event("egrpo.event", {"job": job_id, "type": "notice", "message": fallback})
+            texts, total = node_texts(job, training=not clip_files)
+            bar = comfy_glue.progress_bar(max(1, total))
 
-            encode_prompts(clip, texts_to_encode(job), job_dir / "conds.safetensors")  # exactly what the job encodes
+            def progress(done):  # the node's bar, the log and the panel's encoding bar (an `encode` event)
+                bar.update_absolute(done, max(1, total))
+                log.info("E-GRPO %s: the node encoded %d of %d prompts", job_id, done, total)
+                comfy_glue.send_event("egrpo.event", {"job": job_id, "type": "encode", "done": done, "total": total,
+                                                      "set_size": total, "by": "node"})
+
+            encode_prompts(clip, texts, job_dir / NODE_CONDS, progress=progress if not clip_files else None)
+            if not clip_files:
+                progress(total)
         manager.submit(spec, job_id, gpus=gpus)
+        if fallback:  # in the job's events too, so the panel and `events.jsonl` say why the node took long
+            from egrpo_backend.jobs.folder import EventLog
+
+            EventLog(job_dir).emit("notice", message=fallback)
         return io.NodeOutput(job_id, job_id)
 
 

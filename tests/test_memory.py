@@ -246,7 +246,7 @@ def test_comfy_decode_tiles_large_images(monkeypatch):
             return self.decode(z)
 
     base = SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1), process_latent_out=lambda z: z)
-    policy = comfy_policy.ComfyPolicy(SimpleNamespace(model=base), FakeVAE(), [], [], (16, 64, 64), torch.device("cpu"))
+    policy = comfy_policy.ComfyPolicy(SimpleNamespace(model=base), FakeVAE(), None, (16, 64, 64), torch.device("cpu"))
     assert policy.decode(torch.zeros(1, 16, 64, 64)).shape == (1, 3, 512, 512) and calls == ["decode"]
     calls.clear()
     assert policy.decode(torch.zeros(1, 16, 160, 128)).shape == (1, 3, 1280, 1024) and calls[0] == "decode_tiled"

@@ -288,7 +288,7 @@ def test_train_node_comfy_spec_uses_width_height_inputs_and_checkpoints_by_defau
 
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path), width=256, height=384).args[1]
     (submitted_id, spec), = recording_manager.submitted
-    assert submitted_id == job_id and (recording_manager.root / job_id / "conds.safetensors").is_file()
+    assert submitted_id == job_id and (recording_manager.root / job_id / "node_conds").is_dir()
     comfy = spec["model"]["comfy"]
     assert (comfy["width"], comfy["height"], comfy["kind"]) == (256, 384, "diffusion_model")
     model = JobSpec.from_dict(spec).model
@@ -401,15 +401,14 @@ def test_plan_chart_legend_covers_no_bar_and_no_label_is_clipped(tau, active):
 
 
 def test_the_nodes_cond_cache_holds_exactly_the_texts_the_job_encodes(recording_manager, tmp_path, monkeypatch):
-    """source = comfy with file-based eval prompts (ComfyUI faked; the input folder is $EGRPO_INPUT_DIR):
-    the prompts written into conds.safetensors equal build.texts_to_encode of the job the node submits,
-    so the child never meets a text the node did not encode (it once encoded the word "file")."""
-    import json as _json
-
-    from safetensors import safe_open
-
+    """source = comfy with file-based eval prompts and a CLIP the job cannot reload (ComfyUI faked; the
+    input folder is $EGRPO_INPUT_DIR): the prompts in the node's cache (node_conds) equal
+    build.texts_to_encode of the job the node submits, so the child never meets a text the node did not
+    encode (it once encoded the word "file")."""
     from egrpo_backend.jobs.build import texts_to_encode
     from egrpo_backend.config import JobSpec
+    from egrpo_backend.policies.comfy_conds import COMFY_FAMILY
+    from egrpo_backend.policies.cond_store import CondStore
 
     inputs = tmp_path / "input"
     inputs.mkdir()
@@ -418,8 +417,8 @@ def test_the_nodes_cond_cache_holds_exactly_the_texts_the_job_encodes(recording_
     overrides = '{"eval_prompts": {"file": "held_out.txt"}, "eval_seeds": [7]}'
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path), spec_overrides=overrides).args[1]
     (_, spec), = recording_manager.submitted
-    with safe_open(str(recording_manager.root / job_id / "conds.safetensors"), "pt") as f:
-        cached = _json.loads(f.metadata()["prompts"])
+    store = CondStore(lambda p: None, COMFY_FAMILY, folder=recording_manager.root / job_id / "node_conds",
+                      disk_bytes=float("inf"))
     expected = texts_to_encode(JobSpec.from_dict(spec))
-    assert cached == expected
-    assert {"a snowy cabin", "a blue bicycle", "a red fox", "a lighthouse"} <= set(cached) and "file" not in cached
+    assert store.files_on_disk() == len(expected) and not store.missing(expected)
+    assert {"a snowy cabin", "a blue bicycle", "a red fox", "a lighthouse"} <= set(expected) and "file" not in expected

@@ -426,6 +426,8 @@ app.registerExtension({
           `${detail.job}${detail.lora ? "" : " (no LoRA)"}`);
       } else if (detail.type === "error") {
         toast("error", "E-GRPO job failed", `${detail.job}: ${detail.message}`);
+      } else if (detail.type === "notice") {  // e.g. the Train node encodes every prompt itself (docs/prompts.md)
+        toast("warn", "E-GRPO", `${detail.job}: ${detail.message}`);
       }
       scheduleRefresh();
     });

@@ -70,7 +70,7 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
         add_job_lora(policy, spec)
     reward = reward or build_rewards(spec)
     prompts = training_prompts(spec)
-    if not hasattr(policy, "encode_ahead"):  # no cond store (the comfy source reads its node's cache): every text now
+    if not hasattr(policy, "encode_ahead"):  # a policy without a cond store: every text now
         policy.encode(texts_to_encode(spec))
         if hasattr(policy, "release_text_encoder"):
             policy.release_text_encoder()

@@ -66,6 +66,8 @@ def check_model(spec: JobSpec) -> None:
         _readable_file("model.path", Path(m.path), "model file")
         if m.comfy.vae:
             _readable_file("model.comfy.vae", Path(m.comfy.vae), "VAE file")
+        for path in (m.comfy.clip or {}).get("paths", []):  # the CLIP the job reloads (policies/comfy_clip.py)
+            _readable_file("model.comfy.clip.paths", Path(path), "text encoder file")
         if m.comfy.comfy_root and not Path(m.comfy.comfy_root).is_dir():
             raise SpecError(f"model.comfy.comfy_root: ComfyUI folder not found: {m.comfy.comfy_root}")
 

@@ -20,6 +20,7 @@ HEADER_LIMIT_BYTES = 32 * 1024  # the spec without prompt lists is a few KB; ref
 # What each diffusers family / source is called in the modelspec convention (architecture "<name>/lora").
 BASE_MODEL_NAMES = {"default": "egrpo-digits-16px", "flux": "flux-1", "sd3": "stable-diffusion-v3", "sana": "sana"}
 _PRIVATE_KEYS = {("model", "comfy", "comfy_root"), ("model", "comfy", "cond_cache"), ("model", "comfy", "lora_dirs"),
+                 ("model", "comfy", "clip"),
                  ("output", "copy_to")}
 # Names relative to a ComfyUI models folder (never absolute: the node writes them, comfy_graph refuses others):
 # kept whole, so the header says which LoRA stack (sub-folders included) the training stacked on.

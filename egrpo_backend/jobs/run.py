@@ -5,6 +5,7 @@ A job directory holds
                     its prompt files as {"file": ABSOLUTE PATH, "sha256", "count"} (docs/prompts.md)
   prompts-<sha256>.json  an inline prompt list (JSON), stored once; the sha256 is the one LoRA headers name
   conds/            encoded prompts, at most train.cond_cache_gb, least recently used dropped first
+  node_conds/       source = comfy: the prompts the Train node encoded (held-out ones; all when the job cannot reload the CLIP)
   status.json       {"status", "iteration", "total", "pid", "updated", "message", "lora"}
   events.jsonl      one JSON object per line (see EVENT TYPES below), appended and flushed
   checkpoints/      iter_NNNNNN/{lora.safetensors, state.pt} + latest.json (checkpoint.py)
@@ -34,6 +35,7 @@ EVENT TYPES (every event has "type" and "time"):
   guard       iteration, diversity, base_diversity, drift, base_drift, restored, message (the
               reward-hacking guard stopped the run)
   error       message, traceback
+  notice      message (written by the ComfyUI Train node: why it encoded every prompt itself, docs/prompts.md)
 Everything is written atomically; a SIGKILL loses at most the iteration in flight.
 """
 

@@ -33,7 +33,8 @@ def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cach
     dtype is the compute dtype; model_spec.weight_dtype the storage dtype of the frozen base
     (docs/memory.md). cond_cache (default and diffusers sources): the folder of encoded prompts
     (cond_store.py, docs/prompts.md), at most cond_cache_gb on disk and cond_memory_gb in memory. The
-    comfy source reads the cache its node wrote (model.comfy.cond_cache).
+    comfy source reads the cache its node wrote (model.comfy.cond_cache) and, when the node recorded the
+    CLIP's files (model.comfy.clip), encodes the other prompts as needed into cond_cache too.
     """
     from ..dtypes import resolve_storage_dtype
 
@@ -53,7 +54,8 @@ def build_policy(model_spec, device: torch.device, dtype: torch.dtype, cond_cach
     if model_spec.source == "comfy":
         from .comfy_policy import load_comfy_policy  # imports ComfyUI: only ever inside a job's child process
 
-        return load_comfy_policy(model_spec, device, dtype, gradient_checkpointing=ckpt)
+        return load_comfy_policy(model_spec, device, dtype, gradient_checkpointing=ckpt, cond_cache=cond_cache,
+                                 cond_cache_gb=cond_cache_gb, cond_memory_gb=cond_memory_gb)
     raise ValueError(f"unknown model source {model_spec.source!r}; valid: {', '.join(SOURCES)}")
 
 

@@ -2,8 +2,10 @@
 
 Runs only inside a job's child process; ComfyUI is imported here and nowhere else in the engine.
 model_spec.path is the diffusion-model (or checkpoint) file; model_spec.comfy (config.ComfySpec)
-says where the rest is. The cond cache (comfy_conds.py) holds each prompt's WHOLE conditioning as
-ComfyUI's CLIP made it, encoded once in ComfyUI's process by the Train node.
+says where the rest is. Each prompt's WHOLE conditioning as ComfyUI's CLIP makes it (comfy_conds.py)
+comes from the node's cache (held-out and negative prompts; every prompt when the CLIP cannot be
+reloaded) or is encoded here, as needed, by the graph's CLIP reloaded from its files (comfy_clip.py)
+into the job's bounded cond store (cond_store.py, docs/prompts.md).
 The contract (docs/comfyui.md): velocity(x, sigma) is what ComfyUI's own sampler computes for the same
 graph at cfg 1. So the conditioning goes through comfy.samplers.process_conds (the model's own
 extra_conds: guidance defaults, attention masks, padding) and comfy.samplers.sampling_function, the
@@ -139,20 +141,115 @@ def cast_per_layer(diffusion_model: torch.nn.Module, compute: torch.dtype) -> in
     return count
 
 
+class PromptConds:
+    """prompt -> CONDITIONING: the node's cache first (a cond-store folder, or the single file of older
+    jobs and tests), else the job's cond store, encoded by the reloaded CLIP as needed. Without a
+    CLIP record every prompt must be in the node's cache, and a missing one is an error naming it."""
+
+    def __init__(self, node_cache: str, clip_record: dict | None, folder=None, disk_bytes: float = 0,
+                 memory_bytes: float = 2 * 2**30):
+        from .comfy_clip import ClipEncoder
+        from .comfy_conds import COMFY_FAMILY, read_comfy_conds
+        from .cond_store import CondStore
+
+        self.node_file, self.node_store, self.store, self.encoder = {}, None, None, None
+        if os.path.isfile(node_cache):  # one safetensors file (jobs made before the node cache was a folder)
+            prompts, conds = read_comfy_conds(node_cache)
+            self.node_file = dict(zip(prompts, conds))
+        elif os.path.isdir(node_cache):
+            self.node_store = CondStore(self._not_encoded, COMFY_FAMILY, folder=node_cache, disk_bytes=float("inf"),
+                                        memory_bytes=min(memory_bytes, 2**28))
+        elif not clip_record:
+            raise FileNotFoundError(f"prompt cond cache not found: {node_cache!r}; the E-GRPO Train LoRA node writes it "
+                                    "(node_conds in the job folder)")
+        if clip_record:
+            self.encoder = ClipEncoder(clip_record)
+            self.store = CondStore(self.encoder.encode_one, COMFY_FAMILY, folder=folder, disk_bytes=disk_bytes,
+                                   memory_bytes=memory_bytes, session=self.encoder.session)
+
+    @staticmethod
+    def _not_encoded(prompt: str):
+        raise KeyError(f"prompt {prompt!r} is not in the job's cond cache and the job has no CLIP to encode it (the "
+                       "node encoded the prompts it knew when it created the job): re-create the job after changing "
+                       "prompts")
+
+    def _from_node(self, prompt: str) -> bool:
+        return prompt in self.node_file or (self.node_store is not None and prompt in self.node_store)
+
+    def get(self, prompt: str) -> list:
+        from .comfy_conds import cond_to_conditioning
+
+        if prompt in self.node_file:
+            return self.node_file[prompt]
+        if self.store is None or (self.node_store is not None and prompt in self.node_store):
+            if self.node_store is None:
+                self._not_encoded(prompt)
+            return cond_to_conditioning(self.node_store.get(prompt))
+        return cond_to_conditioning(self.store.get(prompt))
+
+    def uncached(self, prompts) -> list[str]:
+        rest = [p for p in dict.fromkeys(prompts) if not self._from_node(p)]
+        return self.store.missing(rest) if self.store is not None else rest
+
+    def encode_ahead(self, prompts, progress=None) -> int:
+        rest = [p for p in dict.fromkeys(prompts) if not self._from_node(p)]
+        if self.store is None:
+            if rest:
+                self._not_encoded(rest[0])
+            return 0
+        return self.store.ensure(rest, progress)
+
+    def release(self) -> None:
+        if self.encoder is not None:
+            self.encoder.release()
+
+
 class ComfyPolicy:
-    def __init__(self, patcher, vae, conds: list, prompts: list[str], latent_shape, device, length: int = 1):
+    LIVE = 64  # conditionings kept ready for velocity() (a T5-XXL one is ~4 MB; the rest come back from the cond stores)
+
+    def __init__(self, patcher, vae, conds: PromptConds, latent_shape, device, length: int = 1, guidance: float = -1.0):
+        from collections import OrderedDict
+
         self.patcher, self.model, self.vae = patcher, patcher.model, vae
         self.diffusion_model = self.model.diffusion_model
         self.latent_shape, self.device, self.length = tuple(latent_shape), device, length
-        self._conds, self._index = conds, {p: i for i, p in enumerate(prompts)}
+        self.conds, self.guidance = conds, guidance
+        self._ids: dict[str, int] = {}
+        self._prompts: list[str] = []
+        self._live: OrderedDict[int, list] = OrderedDict()
 
     # --- FlowPolicy ----------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> dict:
-        missing = [p for p in prompts if p not in self._index]
-        if missing:
-            raise KeyError(f"prompt {missing[0]!r} is not in the job's cond cache; the node encodes every training "
-                           "prompt when it creates the job (re-create the job after changing prompts)")
-        return {"prompt": torch.tensor([self._index[p] for p in prompts], dtype=torch.long)}
+        ids = []
+        for p in prompts:
+            if p not in self._ids:
+                self._ids[p] = len(self._prompts)
+                self._prompts.append(p)
+            ids.append(self._ids[p])
+            self._conditioning(ids[-1])  # encoded (or read) now, not inside a rollout
+        return {"prompt": torch.tensor(ids, dtype=torch.long)}
+
+    def _conditioning(self, i: int) -> list:
+        conditioning = self._live.get(i)
+        if conditioning is None:
+            conditioning = self.conds.get(self._prompts[i])
+            if self.guidance >= 0:  # the node's guidance input: what FluxGuidance would set on every prompt
+                conditioning = [(c, {**o, "guidance": float(self.guidance)}) for c, o in conditioning]
+            self._live[i] = conditioning
+            while len(self._live) > self.LIVE:
+                self._live.popitem(last=False)
+        self._live.move_to_end(i)
+        return conditioning
+
+    def uncached(self, prompts) -> list[str]:
+        return self.conds.uncached(prompts)
+
+    def encode_ahead(self, prompts, progress=None) -> int:
+        """Encode the prompts neither the node's cache nor the job's store holds, in one CLIP session."""
+        return self.conds.encode_ahead(prompts, progress)
+
+    def release_text_encoder(self) -> None:
+        self.conds.release()
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         idx = cond["prompt"].tolist()
@@ -167,7 +264,7 @@ class ComfyPolicy:
         import comfy.sampler_helpers
         import comfy.samplers
 
-        conds = comfy.sampler_helpers.convert_cond([list(c) for c in self._conds[p]])
+        conds = comfy.sampler_helpers.convert_cond([list(c) for c in self._conditioning(p)])
         conds = comfy.samplers.process_conds(self.model, x, {"positive": conds}, self.device,
                                              latent_image=torch.zeros_like(x))["positive"]
         return comfy.samplers.sampling_function(self.model, x, sigma, None, conds, 1.0,
@@ -212,23 +309,21 @@ class ComfyPolicy:
         return lora_disabled(self)
 
 
-def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool) -> ComfyPolicy:
+def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, gradient_checkpointing: bool,
+                      cond_cache=None, cond_cache_gb: float = 20.0, cond_memory_gb: float = 2.0) -> ComfyPolicy:
     opts = model_spec.comfy
     _import_comfy(opts.comfy_root, device)
     import comfy.sd
     import comfy.utils
 
-    from .comfy_conds import read_comfy_conds
     from .comfy_graph import apply_graph_patches, refuse_needs_image
     from .comfy_latents import latent_shape
 
     path = model_spec.path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path} (model.path must be a diffusion model or checkpoint file)")
-    cache = opts.cond_cache
-    if not cache or not os.path.isfile(cache):
-        raise FileNotFoundError(f"prompt cond cache not found: {cache!r}; the E-GRPO Train LoRA node writes it "
-                                "(conds.safetensors in the job folder)")
+    conds = PromptConds(opts.cond_cache, opts.clip or None, folder=cond_cache, disk_bytes=cond_cache_gb * 2**30,
+                        memory_bytes=cond_memory_gb * 2**30)  # checked before the model loads
     kind = opts.kind
     options = comfy_model_options(model_spec.weight_dtype, path)
     # disable_dynamic: the job owns its weights (moved to the device once, below); ComfyUI's dynamic
@@ -239,9 +334,6 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
     else:
         patcher = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
     refuse_needs_image(patcher.model)
-    prompts, conds = read_comfy_conds(cache)
-    if opts.guidance >= 0:  # the node's guidance input: what FluxGuidance would set on every prompt
-        conds = [[(c, {**o, "guidance": float(opts.guidance)}) for c, o in pc] for pc in conds]
     patcher = apply_graph_patches(patcher, opts.loras, opts.lora_dirs, opts.model_sampling, device)
     base = patcher.model
     block_swap.place(base, device, model_spec.offload_blocks)  # = base.to(device), but the last N blocks on the host (storage dtype kept)
@@ -262,4 +354,4 @@ def load_comfy_policy(model_spec, device: torch.device, dtype: torch.dtype, grad
             vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path))
 
     shape = latent_shape(base.latent_format, vae, opts.width, opts.height, opts.length)
-    return ComfyPolicy(patcher, vae, conds, prompts, shape, device, opts.length)
+    return ComfyPolicy(patcher, vae, conds, shape, device, opts.length, opts.guidance)
