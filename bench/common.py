@@ -315,14 +315,14 @@ def plot_frontier(data: dict, path: Path, title: str) -> None:
 
 
 def write_json(name: str, data: dict, out: Path = RESULTS) -> None:
-    from egrpo_backend.jobs.atomic import atomic_write_json
+    from egrpo_backend.atomic import atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / f"{name}.json", data)
 
 
 def write_md(name: str, lines: list[str], out: Path = RESULTS) -> None:
-    from egrpo_backend.jobs.atomic import atomic_write_text
+    from egrpo_backend.atomic import atomic_write_text
 
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -482,7 +482,7 @@ def update_docs(doc: Path, sections: dict[str, str]) -> None:
     for name, body in sections.items():
         text = re.sub(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", lambda m: m.group(1) + body + m.group(2),
                       text, flags=re.S)
-    from egrpo_backend.jobs.atomic import atomic_write_text
+    from egrpo_backend.atomic import atomic_write_text
 
     atomic_write_text(doc, text)
 
@@ -497,7 +497,7 @@ def main(argv=None):
     ap.add_argument("--tables-only", action="store_true",
                     help="keep the traced rows of --out's memory_estimates.json (no trace); recompute swap and modelled rows")
     a = ap.parse_args(argv)
-    from egrpo_backend.jobs.atomic import atomic_write_json, atomic_write_text
+    from egrpo_backend.atomic import atomic_write_json, atomic_write_text
 
     out = Path(a.out)
     if a.tables_only:

@@ -24,7 +24,7 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    from egrpo_backend.jobs.atomic import atomic_write_json
+    from egrpo_backend.atomic import atomic_write_json
     from egrpo_backend.jobs.build import build_trainer
     from egrpo_backend.config import JobSpec
     from egrpo_backend.default_model.policy import default_job_inputs

@@ -240,7 +240,7 @@ def comfy_skip_reason(args) -> str | None:
 
 def comfy_policy(args, device, compute, res, out_dir: Path):
     """The comfy path on a real model file: ComfyUI's loader and casting ops, random conds in the node's cache format."""
-    from egrpo_backend.jobs.atomic import atomic_save_safetensors
+    from egrpo_backend.atomic import atomic_save_safetensors
     from egrpo_backend.config import ComfySpec, ModelSpec
     from egrpo_backend.policies.comfy_policy import load_comfy_policy
 
@@ -395,7 +395,7 @@ def summarise(iterations: list[dict], per_sample: float, update_cost_forwards: f
 
 
 def write_results(out_dir: Path, device: torch.device, results: list[dict], meta: dict) -> Path:
-    from egrpo_backend.jobs.atomic import atomic_write_json, atomic_write_text
+    from egrpo_backend.atomic import atomic_write_json, atomic_write_text
 
     stem = f"scale_{device_name(device)}"
     atomic_write_json(out_dir / f"{stem}.json", {"meta": meta, "results": results})

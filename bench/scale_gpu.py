@@ -182,7 +182,7 @@ def run_scale(argv: list[str], tag: str) -> list[dict]:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    from egrpo_backend.jobs.atomic import atomic_write_json, atomic_write_text
+    from egrpo_backend.atomic import atomic_write_json, atomic_write_text
     from egrpo_backend.policies import resolve_device
 
     device = resolve_device(a.device)

@@ -496,7 +496,7 @@ class JobSpec:
         for fmt, why in unloadable_formats(self):  # before any job folder exists (docs/lora_formats.md)
             raise SpecError(f"output.formats: {fmt!r} cannot be exported for this model: {why}; "
                             f"use {'peft' if fmt != 'peft' else 'kohya or comfy'} instead")
-        from .jobs.provenance import check_header_size
+        from .provenance import check_header_size
 
         check_header_size(self)  # what every checkpoint's LoRA header carries: refused now, not at iteration 1
         return self

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import lora_names
-from .jobs.atomic import atomic_save_safetensors
+from .atomic import atomic_save_safetensors
 from .lora_consumers import keys_mapped, refusal
 
 ADAPTER = "egrpo"  # peft adapter name of our LoRA

@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 
-from .jobs.atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes
 
 
 def _figure(width=8.0, height=3.6):

@@ -49,7 +49,7 @@ class PromptList(list):
     """An inline list (or a stored .json list): the same interface as PromptSet."""
 
     def digest(self) -> dict:
-        from .jobs.provenance import prompt_digest
+        from .provenance import prompt_digest
 
         return prompt_digest(list(self))
 
@@ -285,7 +285,7 @@ def _open_file(path: Path, column: str, key: str) -> PromptFile:
             return PromptFile(path, kind, column, sha, offsets, key)
         name = f"{sha}-{kind}-{hashlib.sha256(column.encode()).hexdigest()[:8]}.idx"
         os.replace(tmp, folder / name)
-        from .jobs.atomic import atomic_write_json
+        from .atomic import atomic_write_json
 
         atomic_write_json(memo, {"sha256": sha, "count": count, "index": name})
         return PromptFile(path, kind, column, sha, _map(folder / name, count), key)

@@ -164,7 +164,7 @@ class JobManager:
             try:
                 backend_jobs.create_job(spec, path)
                 if gpus > 1:
-                    from egrpo_backend.jobs.atomic import atomic_write_json
+                    from egrpo_backend.atomic import atomic_write_json
 
                     atomic_write_json(path / LAUNCH_FILE, {"gpus": gpus})
             except BaseException:

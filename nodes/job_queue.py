@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from egrpo_backend.jobs.atomic import atomic_write_json
+from egrpo_backend.atomic import atomic_write_json
 
 COMMANDS = ("run", "resume")
 

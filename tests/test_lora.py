@@ -387,7 +387,7 @@ def test_atomic_write_keeps_old_file_when_serialising_fails(tmp_path, monkeypatc
 
 
 def test_atomic_text_and_json(tmp_path):
-    from egrpo_backend.jobs.atomic import atomic_write_json, atomic_write_text
+    from egrpo_backend.atomic import atomic_write_json, atomic_write_text
 
     atomic_write_text(tmp_path / "a" / "b.txt", "hello")
     assert (tmp_path / "a" / "b.txt").read_text() == "hello"

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from egrpo_backend.jobs.checkpoint import latest_checkpoint
 from egrpo_backend.config import MAX_PROMPTS
 from egrpo_backend.jobs.run import create_job, export_job, load_spec, run_job
-from egrpo_backend.jobs.provenance import HEADER_LIMIT_BYTES, prompt_digest
+from egrpo_backend.provenance import HEADER_LIMIT_BYTES, prompt_digest
 from test_jobs import tiny_spec
 
 PROMPTS = [f"a handwritten digit {'three' if i % 2 else 'seven'} no {i:06d}" for i in range(MAX_PROMPTS)]

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from egrpo_backend.config import JobSpec
 from egrpo_backend.jobs.run import create_job, run_job
-from egrpo_backend.jobs.provenance import HEADER_LIMIT_BYTES, lora_metadata, prompt_digest, shareable_spec
+from egrpo_backend.provenance import HEADER_LIMIT_BYTES, lora_metadata, prompt_digest, shareable_spec
 from test_jobs import tiny_spec
 
 

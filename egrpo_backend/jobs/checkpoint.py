@@ -21,10 +21,10 @@ from safetensors import SafetensorError
 
 from .. import distributed
 from .. import lora as lora_lib
-from .atomic import atomic_path, atomic_write_json
+from ..atomic import atomic_path, atomic_write_json
 from .files import DiskFull, is_disk_full, job_subdir
 from ..config import JobSpec
-from .provenance import lora_metadata
+from ..provenance import lora_metadata
 
 KEEP_CHECKPOINTS = 2
 

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from . import process as job_process
-from .atomic import atomic_write_bytes, atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..config import JobSpec, SpecError
 from .files import DiskFull, append_line, is_disk_full, open_job_file, refuse_link
-from .provenance import prompt_digest
+from ..provenance import prompt_digest
 
 STATUSES = ("created", "running", "stopped", "finished", "cancelled", "failed")
 

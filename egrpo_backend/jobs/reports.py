@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_json
+from ..atomic import atomic_write_json
 from .files import job_subdir
 
 

@@ -51,7 +51,7 @@ import torch
 
 from .. import distributed
 from .. import lora as lora_lib
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .build import build_trainer, eval_pairs
 from .cancel import CancelFlag
 from .checkpoint import (clean_leftovers, latest_checkpoint, load_checkpoint, read_checkpoint, read_checkpoint_lora,
@@ -67,7 +67,7 @@ from .folder import (PROCESS_ENDED, STATUSES, EventLog, create_job, current_stat
                          read_json, read_status, request_cancel, write_status)
 from ..paths import check_name
 from ..policies import source_defaults
-from .provenance import lora_metadata
+from ..provenance import lora_metadata
 from .reports import write_reports, write_sample_grid
 from ..method.trainer import IterationAbandoned
 

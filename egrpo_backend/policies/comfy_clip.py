@@ -21,7 +21,7 @@ SCALARS = (int, float, str, bool, type(None))
 
 def check_clip_record(rec: dict) -> None:
     """Refuse a model.comfy.clip that is not what the node writes, naming the key."""
-    from ..config import SpecError
+    from ..spec_limits import SpecError
 
     if not isinstance(rec, dict) or set(rec) != RECORD_KEYS:
         raise SpecError(f"model.comfy.clip must have exactly the keys {sorted(RECORD_KEYS)} (the Train node writes it); "

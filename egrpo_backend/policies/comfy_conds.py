@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from ..jobs.atomic import atomic_save_safetensors
+from ..atomic import atomic_save_safetensors
 
 SCALARS = (int, float, str, bool, type(None))
 COMFY_FAMILY = "comfy"  # the cond store's family for ComfyUI conditionings (node and child alike)

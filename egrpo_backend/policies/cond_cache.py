@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..jobs.atomic import atomic_save_safetensors
+from ..atomic import atomic_save_safetensors
 from .base import Cond
 
 

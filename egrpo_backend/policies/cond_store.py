@@ -165,7 +165,7 @@ class CondStore:
     def _write(self, prompt: str, row: Row) -> None:
         if self.folder is None:
             return
-        from ..jobs.atomic import atomic_save_safetensors
+        from ..atomic import atomic_save_safetensors
 
         h = self._hash(prompt)
         path = self._file(h)

@@ -14,7 +14,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: config imports this module
-    from ..config import JobSpec
+    from .config import JobSpec
 
 HEADER_LIMIT_BYTES = 32 * 1024  # the spec without prompt lists is a few KB; refuse anything odd rather than bloat headers
 # What each diffusers family / source is called in the modelspec convention (architecture "<name>/lora").
@@ -67,7 +67,7 @@ def check_header_size(spec: JobSpec) -> None:
 
 
 def _refuse_large_header(data: dict) -> None:
-    from ..spec_limits import SpecError
+    from .spec_limits import SpecError
 
     size = len(json.dumps(data, sort_keys=True))
     if size > HEADER_LIMIT_BYTES:

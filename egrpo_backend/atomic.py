@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .files import DiskFull, is_disk_full
+from .disk_full import DiskFull, is_disk_full
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask once (setting it back at once)
