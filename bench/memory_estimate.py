@@ -62,6 +62,14 @@ LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 weight + fp32 gradient + AdamW
 CONTEXT_GIB, SLACK = 1.0, 1.1  # outside the allocator's count, and its rounding / fragmentation
 
 
+def phase_peaks(encode: float, resident: float, rollout: float, decode: float, reward: float, update: float):
+    """GiB held in each phase (the resident weights plus that phase's own), and the peak of the phases after
+    encoding (text encoders are freed before the first rollout)."""
+    phases = {"encode": encode, "rollout": resident + rollout, "decode": resident + decode,
+              "reward": resident + reward, "update": resident + update}
+    return phases, max(v for k, v in phases.items() if k != "encode")
+
+
 def fits(peak_gib: float, card_gb: int) -> bool:
     return SLACK * peak_gib + CONTEXT_GIB <= card_gb
 
@@ -297,10 +305,8 @@ def estimate_large(family: LargeFamily, fit: dict, log=print) -> list[dict]:
         for rb in ROLLOUT_BATCHES:
             for m in MICRO_BATCHES:
                 for db in DECODE_BATCHES:
-                    phases = {"encode": weights + text_gib, "rollout": resident + rollout[rb],
-                              "decode": resident + decode[db][1], "reward": resident + reward_w + reward_act,
-                              "update": resident + update[m]}
-                    peak = max(v for k, v in phases.items() if k != "encode")
+                    phases, peak = phase_peaks(weights + text_gib, resident, rollout[rb], decode[db][1],
+                                               reward_w + reward_act, update[m])
                     rows.append({"model": family.name, "resolution": label, "rollout_batch": rb, "micro_batch": m,
                                  "decode_batch": db, "reward_batch": REWARD_BATCH, "estimated": True, "modelled": True,
                                  "source": family.source, "text_encoder": family.text_encoder, "params": params,
@@ -356,10 +362,8 @@ def estimate(card: ModelCard, resolutions, log=print) -> list[dict]:
         for rb in ROLLOUT_BATCHES:
             for m in MICRO_BATCHES:
                 for db in DECODE_BATCHES:
-                    phases = {"encode": weights + text_gib, "rollout": resident + rollout[rb],
-                              "decode": resident + decode[db][1], "reward": resident + reward_w + reward_act,
-                              "update": resident + update[m]}
-                    peak = max(v for k, v in phases.items() if k != "encode")
+                    phases, peak = phase_peaks(weights + text_gib, resident, rollout[rb], decode[db][1],
+                                               reward_w + reward_act, update[m])
                     rows.append({"model": card.name, "resolution": res, "rollout_batch": rb, "micro_batch": m,
                                  "decode_batch": db, "reward_batch": REWARD_BATCH, "estimated": True, "params": params,
                                  "weights_gb": weights, "lora_params": lora_params, "lora_state_gb": lora_gib,
