@@ -15,7 +15,6 @@ import torch
 from egrpo_backend.default_model import classifier as classifier_mod
 from egrpo_backend.default_model import digits as digits_mod
 from egrpo_backend.default_model.digits import (
-    DIGIT_NAMES,
     HELDOUT_SEED_BASE,
     digit_of_prompt,
     heldout_eval_set,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from egrpo_backend.jobs.checkpoint import latest_checkpoint, read_checkpoint
-from egrpo_backend.jobs.run import create_job, read_events, read_status, request_cancel, resume_job, run_job
+from egrpo_backend.jobs.run import create_job, read_events, read_status, resume_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

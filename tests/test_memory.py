@@ -7,7 +7,6 @@ and sit on the CPU between scores. CPU only: fp8 is storage only, so compute run
 from __future__ import annotations
 
 import gc
-import json
 import weakref
 
 import pytest

@@ -13,7 +13,6 @@ conditioning nodes (FluxGuidance); they are recorded with the node's own code (n
 """
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -197,18 +196,25 @@ def reference_v(patcher, conditioning, x, sigma):
     return (x - seen["x0"]) / sigma
 
 
-def check(family, variant="plain"):
-    from egrpo_backend.config import ComfySpec, ModelSpec
-    from egrpo_backend.policies.comfy_policy import load_comfy_policy
-    graph_patches, train_nodes = pack_nodes()
-    record_graph_patches, encode_prompts = graph_patches.record_graph_patches, train_nodes.encode_prompts
-
+def model_file(family):
+    """The family's tiny settings and its model file (made once per work folder)."""
     cls_name, config, latent, px, options = families()[family]
     folder = WORK / family
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{family}.safetensors"
     if not path.exists():
         make_model(family, cls_name, config, path)
+    return cls_name, config, latent, px, options, path
+
+
+def check(family, variant="plain"):
+    from egrpo_backend.config import ComfySpec, ModelSpec
+    from egrpo_backend.policies.comfy_policy import load_comfy_policy
+    graph_patches, train_nodes = pack_nodes()
+    record_graph_patches, encode_prompts = graph_patches.record_graph_patches, train_nodes.encode_prompts
+
+    cls_name, config, latent, px, options, path = model_file(family)
+    folder = path.parent
     patcher = comfy.sd.load_diffusion_model(str(path))
     detected = type(patcher.model.model_config).__name__
     saved = comfy.utils.load_torch_file(str(path))
@@ -281,12 +287,8 @@ def train(family):
 
     from egrpo_backend.jobs.run import create_job, run_job
 
-    cls_name, config, latent, px, options = families()[family]
-    folder = WORK / family
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{family}.safetensors"
-    if not path.exists():
-        make_model(family, cls_name, config, path)
+    cls_name, config, latent, px, options, path = model_file(family)
+    folder = path.parent
     _, train_nodes = pack_nodes()
     ctx = CONTEXT.get(family, 32)
     prompts = ["a red cube", "a blue ball"]
