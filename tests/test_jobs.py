@@ -75,6 +75,23 @@ def test_resume_is_bit_identical(tmp_path):
     assert [h["reward_mean"] for h in hist_a] == [h["reward_mean"] for h in hist_b]
 
 
+def test_a_job_saved_under_other_default_targets_resumes_on_its_own_modules(tmp_path):
+    """A job whose spec names no LoRA targets resumes on the modules its checkpoint holds: one saved before
+    the defaults changed (stood in for by a spec that named two, then lost them) finishes bit-identical to a
+    straight run on those two, instead of failing on modules it never had."""
+    spec = tiny_spec()
+    spec["lora"]["target_modules"] = ["to_q", "to_v"]
+    straight = create_job(spec, tmp_path / "straight")
+    run_job(straight, progress=False)
+    old = create_job(spec, tmp_path / "old")
+    assert run_job(old, until=2, progress=False)["status"] == "stopped"
+    saved = json.loads((old / "job.json").read_text())
+    del saved["lora"]["target_modules"]  # what an older version wrote: the defaults were implied
+    (old / "job.json").write_text(json.dumps(saved))
+    assert resume_job(old, progress=False)["iteration"] == 4
+    assert_same_lora(lora_of(straight), lora_of(old))
+
+
 def cli_run(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "egrpo_backend", *map(str, args), "--quiet"], cwd=ROOT, env=env,

@@ -48,14 +48,25 @@ def build_rewards(spec: JobSpec) -> WeightedRewards:
     return WeightedRewards(rewards, [float(r.get("weight", 1.0)) for r in spec.rewards])
 
 
-def add_job_lora(policy: FlowPolicy, spec: JobSpec) -> None:
+def add_job_lora(policy: FlowPolicy, spec: JobSpec, job_dir: Path | None = None) -> None:
     from ..policies.block_swap import adopt_lora
 
-    targets = spec.lora.target_modules or source_defaults(spec.model).get("lora_targets")  # None: lora.py's default
+    targets = (spec.lora.target_modules or checkpoint_targets(policy, spec, job_dir)
+               or source_defaults(spec.model).get("lora_targets"))  # None: lora.py's default
     settings = lora_lib.LoraSettings(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=targets or None,
                                      dtype=spec.lora.dtype)
     lora_lib.add_lora(policy.lora_model(), settings, seed=spec.lora.init_seed)
     adopt_lora(policy.lora_model())  # block swap: a LoRA made on the host beside a swapped block goes to the device
+
+
+def checkpoint_targets(policy: FlowPolicy, spec: JobSpec, job_dir: Path | None) -> list[str] | None:
+    """The modules the job's last checkpoint holds a LoRA on, when the spec names none: a job saved
+    before the default targets grew (attention only, then attention and MLP: docs/lora_formats.md)
+    resumes on its own modules instead of failing on the ones it never had. None: no checkpoint."""
+    from .checkpoint import latest_checkpoint, read_checkpoint_lora
+
+    ckpt = latest_checkpoint(job_dir) if job_dir is not None and not spec.lora.target_modules else None
+    return sorted(read_checkpoint_lora(ckpt, model=policy.lora_model())) if ckpt is not None else None
 
 
 def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: WeightedRewards | None = None,
@@ -67,7 +78,7 @@ def build_trainer(spec: JobSpec, *, policy: FlowPolicy | None = None, reward: We
         policy = build_policy(spec.model, device, resolve_dtype(spec.model.dtype, device), cond_cache=cond_folder(job_dir),
                               cond_cache_gb=spec.train.cond_cache_gb, cond_memory_gb=spec.train.cond_memory_gb)
     if not policy.trainable_parameters():
-        add_job_lora(policy, spec)
+        add_job_lora(policy, spec, job_dir)
     reward = reward or build_rewards(spec)
     prompts = training_prompts(spec)
     if not hasattr(policy, "encode_ahead"):  # a policy without a cond store: every text now
