@@ -20,7 +20,7 @@ from tests import comfy_fakes
 comfy_fakes.install()
 
 from nodes import train_nodes  # noqa: E402
-from tests.test_nodes import TRAIN, Recorded, RecordingManager  # noqa: E402
+from tests.test_nodes import TRAIN, Recorded, recording_manager  # noqa: E402,F401 (a fixture)
 
 
 class CountingClip:
@@ -63,16 +63,6 @@ def comfy_folders(tmp_path, monkeypatch):
     return te
 
 
-@pytest.fixture
-def manager(tmp_path):
-    from nodes import job_manager
-
-    m = RecordingManager(tmp_path / "jobs")
-    job_manager.set_manager(m)
-    yield m
-    job_manager.set_manager(None)
-
-
 TRAINING = [f"training prompt {i}" for i in range(12)]
 HELD_OUT = ["a held-out cabin", "a held-out bicycle"]
 OVERRIDES = json.dumps({"eval_prompts": HELD_OUT, "eval_seeds": [3], "algorithm": {"guidance_scale": 2.0,
@@ -87,33 +77,33 @@ def comfy_inputs(tmp_path, clip):
                 vae=Recorded("load_vae", tmp_path / "ae.safetensors"))
 
 
-def test_node_records_the_clip_files_and_encodes_only_held_out_and_negative(manager, comfy_folders, tmp_path):
+def test_node_records_the_clip_files_and_encodes_only_held_out_and_negative(recording_manager, comfy_folders, tmp_path):
     from egrpo_backend.config import JobSpec
 
     clip = CountingClip([comfy_folders / "t5_tiny.safetensors"])
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path, clip)).args[1]
-    (_, spec), = manager.submitted
+    (_, spec), = recording_manager.submitted
     record = spec["model"]["comfy"]["clip"]
     assert record == {"loader": "clip", "paths": [str(comfy_folders / "t5_tiny.safetensors")], "type": "flux",
                       "embeddings": [], "device": "default", "layer_idx": None, "tokenizer_options": {},
                       "use_clip_schedule": False}
     JobSpec.from_dict(spec)  # the record passes the spec's own check
     assert sorted(clip.encoded) == sorted(HELD_OUT + ["blurry"])  # no training prompt encoded in the node
-    assert not (manager.root / job_id / "events.jsonl").exists()  # nothing to say
+    assert not (recording_manager.root / job_id / "events.jsonl").exists()  # nothing to say
 
 
-def test_clip_without_a_loader_record_falls_back_and_says_so(manager, comfy_folders, tmp_path, caplog, monkeypatch):
+def test_clip_without_a_loader_record_falls_back_and_says_so(recording_manager, comfy_folders, tmp_path, caplog, monkeypatch):
     from nodes import comfy_glue
 
     sent = []
     monkeypatch.setattr(comfy_glue, "send_event", lambda event, data: sent.append(data))
     clip = CountingClip()  # a custom loader: no cached_patcher_init
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path, clip)).args[1]
-    (_, spec), = manager.submitted
+    (_, spec), = recording_manager.submitted
     assert "clip" not in spec["model"]["comfy"]
     assert sorted(clip.encoded) == sorted(TRAINING + HELD_OUT + ["blurry"])  # each once
     assert any("this node encodes every training prompt itself" in r.getMessage() for r in caplog.records)
-    events = [json.loads(line) for line in (manager.root / job_id / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (recording_manager.root / job_id / "events.jsonl").read_text().splitlines()]
     assert [e["type"] for e in events] == ["notice"] and "custom CLIP loader" in events[0]["message"]
     # the browsers hear it too: the notice, then the node's encoding progress (the panel's encoding bar)
     assert sent[0]["type"] == "notice" and sent[-1] == {"job": job_id, "type": "encode", "done": 15, "total": 15,
@@ -132,7 +122,7 @@ def test_a_clip_file_outside_comfyuis_folders_or_a_patched_clip_is_not_reloaded(
     assert record is None and "LoraLoader" in why
 
 
-def test_the_job_encodes_as_the_node_would_each_prompt_once(manager, comfy_folders, tmp_path, monkeypatch):
+def test_the_job_encodes_as_the_node_would_each_prompt_once(recording_manager, comfy_folders, tmp_path, monkeypatch):
     """The child side (egrpo_backend/policies/comfy_policy.PromptConds) with the CLIP 'reloaded' (the stand-in):
     the node's held-out conds are read, not encoded again; training prompts are encoded once each, into the
     job's bounded store, and equal what the node-side encoder stores for the same prompt."""
@@ -141,7 +131,7 @@ def test_the_job_encodes_as_the_node_would_each_prompt_once(manager, comfy_folde
 
     node_clip = CountingClip([comfy_folders / "t5_tiny.safetensors"])
     job_id = train_nodes.TrainLoraNode.execute(**TRAIN, **comfy_inputs(tmp_path, node_clip)).args[1]
-    (_, spec), = manager.submitted
+    (_, spec), = recording_manager.submitted
     child_clip = CountingClip()
     monkeypatch.setattr(comfy_clip, "load_clip", lambda rec: child_clip)
     conds = PromptConds(spec["model"]["comfy"]["cond_cache"], spec["model"]["comfy"]["clip"],
@@ -173,7 +163,7 @@ def test_the_loaders_own_object_patch_does_not_stop_a_reload(comfy_folders):
     assert clip_record(clip)[0] is None
 
 
-def test_a_large_prompt_file_is_passed_on_as_a_reference_and_streamed_by_the_job(manager, tmp_path, monkeypatch):
+def test_a_large_prompt_file_is_passed_on_as_a_reference_and_streamed_by_the_job(recording_manager, tmp_path, monkeypatch):
     """E-GRPO Prompt List with a file above STREAM_ABOVE_BYTES (lowered here to keep the test small) outputs
     {"file": path} (indexed for its count, never read whole), the Train node puts that reference in the spec
     and its hash in the job id; typed prompts beside a large file are refused, not dropped."""
@@ -190,7 +180,7 @@ def test_a_large_prompt_file_is_passed_on_as_a_reference_and_streamed_by_the_job
         prompt_nodes.PromptListNode.execute("a handwritten digit three", "big.txt")
     train = {**TRAIN, "reward": [{"name": "digit_probability", "weight": 1.0}]}
     job_id = train_nodes.TrainLoraNode.execute(**train, source="default", prompts=out.args[0]).args[1]
-    (_, spec), = manager.submitted
+    (_, spec), = recording_manager.submitted
     assert spec["prompts"] == {"file": str(big)}
     big.write_text("".join(f"a handwritten digit {i % 10}\n" for i in range(51)))  # changed file: another job
     assert train_nodes.TrainLoraNode.execute(**train, source="default", prompts={"file": str(big)}).args[1] != job_id
